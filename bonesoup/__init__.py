@@ -1,0 +1,23 @@
+"""bonesoup: the Bone Soup / MAGE method on top of soupkernels.
+
+Knows models, checkpoints and preferences: merge coefficients, checkpoint
+I/O, the offline merge and the command line (``bonesoup --help``).
+"""
+
+from bonesoup.coefficients import (
+    backbone_matrix,
+    bone_coefficients,
+    fold_extrapolation,
+    rewarded_soup_coefficients,
+    validate_preference,
+)
+from bonesoup.offline_merge import merge_checkpoints
+
+__all__ = [
+    "backbone_matrix",
+    "bone_coefficients",
+    "rewarded_soup_coefficients",
+    "fold_extrapolation",
+    "validate_preference",
+    "merge_checkpoints",
+]

@@ -1,0 +1,3 @@
+from bonesoup.cli import main
+
+raise SystemExit(main())

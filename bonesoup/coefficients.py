@@ -1,0 +1,142 @@
+"""Merge coefficients: Rewarded Soup, Bone Soup and extrapolation.
+
+Every merge in this project is one weighted sum ``out = sum_k c_k x_k``; this
+module turns a user preference ``mu`` (a point on the simplex, one weight per
+objective) into the ``c_k``.
+
+Bone Soup (seek, then soup) trains backbone j on the mixed reward
+``h_j = sum_i B_ji r_i`` with the symmetric circulant matrix
+
+    B = (beta - g) I + g 11^T,    g = (1 - beta) / (n - 1),    beta in (1/2, 1),
+
+and merges with ``lambda = B^-1 mu``. ``lambda`` may have negative entries
+(beta = 0.7, mu = (1, 0) gives (1.75, -0.75)); that is the method, never clip.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "PREFERENCE_TOLERANCE",
+    "validate_preference",
+    "validate_beta",
+    "backbone_matrix",
+    "bone_coefficients",
+    "rewarded_soup_coefficients",
+    "fold_extrapolation",
+]
+
+#: |sum(mu) - 1| allowed before a preference is refused (we never renormalise).
+PREFERENCE_TOLERANCE = 1e-6
+
+
+def validate_beta(beta: float, name: str = "beta") -> float:
+    """Return ``beta`` as a float, or raise ValueError unless 1/2 < beta < 1."""
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0.5, 1), got {beta!r}") from None
+    if not math.isfinite(b) or not 0.5 < b < 1.0:
+        raise ValueError(
+            f"{name} must lie strictly between 0.5 and 1 (the backbone matrix is "
+            f"singular at 0.5 and is the identity at 1), got {beta!r}"
+        )
+    return b
+
+
+def validate_preference(mu: Sequence[float], n: int | None = None, name: str = "preference") -> np.ndarray:
+    """Check a preference vector and return it as float64 ``[n]``.
+
+    Refuses (ValueError naming ``name``) a preference that is empty, of the
+    wrong length, non-finite, negative or does not sum to 1 within
+    ``PREFERENCE_TOLERANCE``. It is never renormalised silently: a
+    preference that does not sum to 1 is most often a bug upstream.
+    """
+    try:
+        arr = np.asarray(mu, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers, got {mu!r}") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {arr.shape}")
+    if n is not None and arr.size != n:
+        raise ValueError(f"{name} must have {n} entries (one per objective), got {arr.size}: {arr.tolist()}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} must be non-negative, got {arr.tolist()}")
+    total = float(arr.sum())
+    if abs(total - 1.0) > PREFERENCE_TOLERANCE:
+        raise ValueError(
+            f"{name} must sum to 1 (within {PREFERENCE_TOLERANCE:g}), got sum {total!r} for "
+            f"{arr.tolist()}; it is not renormalised for you"
+        )
+    return arr
+
+
+def _validate_n(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an integer >= 2, got {n!r}")
+    if n < 2:
+        raise ValueError(f"n (the number of objectives) must be >= 2, got {n}")
+    return int(n)
+
+
+def backbone_matrix(n: int, beta: float) -> np.ndarray:
+    """The Bone Soup backbone matrix ``B`` (float64 ``[n, n]``).
+
+    ``B = (beta - g) I + g 11^T`` with ``g = (1 - beta) / (n - 1)``: row j holds
+    the reward mixture that backbone j is trained on. Symmetric, circulant, rows
+    sum to 1; for n = 2 it is ``[[beta, 1 - beta], [1 - beta, beta]]``.
+    """
+    n = _validate_n(n)
+    beta = validate_beta(beta)
+    g = (1.0 - beta) / (n - 1)
+    return (beta - g) * np.eye(n) + g * np.ones((n, n))
+
+
+def bone_coefficients(mu: Sequence[float], beta: float) -> np.ndarray:
+    """Bone Soup merge coefficients ``lambda = B^-1 mu`` (float64 ``[n]``).
+
+    Uses the closed form ``lambda = (mu - g 1) / (beta - g)``, exact because
+    ``sum(mu) = 1``. Entries may be negative and are never clipped.
+
+    >>> bone_coefficients([1.0, 0.0], beta=0.7).round(6).tolist()
+    [1.75, -0.75]
+    """
+    beta = validate_beta(beta)
+    arr = validate_preference(mu)
+    n = _validate_n(arr.size)
+    g = (1.0 - beta) / (n - 1)
+    return (arr - g) / (beta - g)
+
+
+def rewarded_soup_coefficients(mu: Sequence[float]) -> np.ndarray:
+    """Rewarded Soup merge coefficients: the preference itself (float64 ``[n]``)."""
+    arr = validate_preference(mu)
+    _validate_n(arr.size)
+    return arr.copy()
+
+
+def fold_extrapolation(lambdas: Sequence[float], alpha: float) -> tuple[np.ndarray, float]:
+    """Fold extrapolation away from the SFT model into one linear combination.
+
+    ``theta_hat = (1 + alpha) sum_j lambda_j theta_j - alpha theta_sft``, so the
+    backbone coefficients are ``(1 + alpha) lambda`` and the SFT coefficient is
+    ``-alpha``; the coefficients still sum to ``sum(lambda)``.
+
+    Returns ``(backbone_coefficients [n] float64, sft_coefficient float)``.
+    """
+    lam = np.asarray(lambdas, dtype=np.float64)
+    if lam.ndim != 1 or lam.size == 0 or not np.all(np.isfinite(lam)):
+        raise ValueError(f"lambdas must be a non-empty 1-D sequence of finite numbers, got {lambdas!r}")
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha must be a number, got {alpha!r}") from None
+    if not math.isfinite(a):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    return (1.0 + a) * lam, -a

@@ -1,0 +1,14 @@
+"""soupkernels: fused kernels for merging models and guided decoding.
+
+Knows tensors, not models. Public ops dispatch to Triton (CUDA tensors), the
+C++ extension ``soupkernels._C`` (CPU tensors) or plain torch; see
+``backend_for`` and the ``SOUPKERNELS_BACKEND`` environment variable.
+"""
+
+from soupkernels.backend import BACKENDS, backend_for, cpu_info
+from soupkernels.merge import merge, merge_many
+from soupkernels.reference import merge_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["merge", "merge_many", "merge_reference", "backend_for", "cpu_info", "BACKENDS", "__version__"]

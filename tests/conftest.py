@@ -1,0 +1,29 @@
+"""Test set-up: Triton kernels run in Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton decorates the kernels, so it is set
+here, at import, and only where there is no GPU (on a GPU machine the Triton
+tests compile and run for real).
+"""
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
