@@ -426,7 +426,8 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, layout: ShardLayout):
         if sys.byteorder != "little":
-            raise RuntimeError("safetensors files are little-endian; writing them on a big-endian host is not supported")
+            raise RuntimeError("safetensors files are little-endian; writing them on a big-endian host "
+                               "is not supported")
         self.path = Path(path)
         self.layout = layout
         self._next = 0
@@ -473,7 +474,7 @@ class ShardWriter:
 
 
 def write_index(out_dir: Path, weight_map: Mapping[str, str], metadata: Mapping) -> Path:
-    """Write ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": ...}``), keys sorted as transformers does."""
+    """Write ``model.safetensors.index.json``: ``{"metadata": ..., "weight_map": ...}``, keys sorted."""
     path = Path(out_dir) / INDEX_NAME
     body = {"metadata": dict(metadata), "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
     path.write_text(json.dumps(body, indent=2) + "\n")
@@ -611,9 +612,9 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, require
                 raise FileExistsError(f"output directory {target} already exists; pass force=True (--force) "
                                       "to replace it")
 
-    refuse_existing()
     parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_dirs(target)
+    clean_stale_temp_dirs(target)  # first: it may put back a target that a killed --force run moved aside
+    refuse_existing()
     check_free_space(parent, required_bytes)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = parent / f".{target.name}.bonesoup-tmp-{tag}"

@@ -223,7 +223,7 @@ def merge_checkpoints(
                     written = _write_batch(writer, batch, outs)
                     stats["bytes_written"] += written
                     bar.update(written)
-                    pass
+                    del outs  # before the next batch is merged: one batch of output alive at a time
                 if writer is not None:
                     writer.close()
             except BaseException:
@@ -361,7 +361,7 @@ def _run_cpu(job: _Job, batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, lis
             outs = _merge(job, batch, groups)
             del groups
             yield batch, outs  # the consumer writes them while the input files are still mapped
-            pass
+            del outs
 
 
 def _run_cuda(job: _Job, batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, list[torch.Tensor]]]:

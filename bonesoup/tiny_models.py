@@ -140,21 +140,20 @@ def make_tiny_backbones(
         model = GPT2LMHeadModel(config).eval()
     save_kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
 
-    def save(state: dict, path: Path) -> Path:
-        model.load_state_dict(state)  # lm_head follows wte: they are one tied parameter
+    def save(path: Path) -> Path:
         model.to(dtype).save_pretrained(path, **save_kwargs)
         model.to(torch.float32)
         tokenizer.save_pretrained(path)
         return path
 
-    sft_state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    sft_path = save(sft_state, root / "sft")
+    sft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sft_path = save(root / "sft")
     paths = []
     for j in range(n):
+        model.load_state_dict(sft_state)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + j + 1)
-        state = {
-            k: v + delta * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-            for k, v in sft_state.items()
-        }
-        paths.append(save(state, root / f"backbone-{j}"))
+        with torch.no_grad():
+            for param in model.parameters():  # the tied lm_head/wte is one parameter: perturbed once
+                param.add_(torch.randn(param.shape, generator=gen), alpha=delta)
+        paths.append(save(root / f"backbone-{j}"))
     return sft_path, paths
