@@ -69,6 +69,7 @@ RangeFn range_fn(Simd s) {
   }
 }
 
+
 // Below this many elements per thread, waking another thread costs more than
 // the bandwidth it adds.
 constexpr int64_t kMinPerThread = 1 << 16;

@@ -1,0 +1,58 @@
+"""Smoke test of benchmarks/bench_checkpoint_merge.py on the tiniest model.
+
+Runs the benchmark's main() in-process (it starts `bonesoup merge` and the
+naive loop as subprocesses) and checks its JSON: both outputs agree within
+bf16 rounding, the merged checkpoint loads with transformers, and the crash
+check (SIGKILL mid-write, then a clean re-run) passed.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_checkpoint_merge.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_checkpoint_merge", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_merge_tiny(tmp_path, capsys):
+    bench = _load_bench()
+    out_json = tmp_path / "result.json"
+    rc = bench.main(["--preset", "tiny", "--workdir", str(tmp_path / "work"), "--repeats", "1",
+                     "--no-import-floor", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+    assert rc == 0, printed[-3000:]
+    assert res["ok"] is True
+
+    v = res["verify"]
+    assert v["same_keys"] and v["same_weight_map"] and v["dtype_mismatches"] == 0
+    assert v["elements"] > 0 and v["worst_pair_in_tolerances"] <= 1.0 and v["worst_vs_fp64_in_tolerances"] <= 1.0
+    assert v["loads_with_transformers"] is True
+
+    c = res["crash_check"]
+    assert c["passed"] is True and c["killed_returncode"] == -9
+    assert c["target_absent_after_kill"] and c["stale_temp_dir_left"] and c["stale_temp_dir_removed"]
+    assert c["no_temp_dirs_left"] and c["output_identical_to_timed_runs"]
+
+    for case in ("ours", "naive"):
+        r = res["cases"][case]
+        assert len(r["runs"]) == 1 and 0 < r["min_s"] <= r["median_s"]
+        # a real process with torch imported: tens of MiB at least, and not the benchmark's own RSS
+        assert 50 * 2**20 < r["max_rss_bytes"] < 4 * 2**30
+    assert res["speedup_median"] > 0 and res["ideal_bytes"] > 4 * res["model"]["weight_bytes_per_checkpoint"]
+    assert abs(sum(res["coefficients"]) - 1.0) < 1e-9  # (1 + alpha) * 1 - alpha
+    # the last thing printed is the table; outputs were cleaned up, the cached inputs kept
+    tail = printed.rstrip().splitlines()[-12:]
+    assert any(line.startswith("bonesoup merge (ours)") for line in tail)
+    assert any(line.startswith("naive per-tensor loop") for line in tail)
+    assert not (tmp_path / "work" / "out" / "ours").exists()
+    assert any((tmp_path / "work" / "models").iterdir())
