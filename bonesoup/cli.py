@@ -2,6 +2,7 @@
 
     bonesoup merge B1 B2 ... --out DIR --preference 0.3 0.7 --beta 0.7 [--alpha A --sft DIR]
     bonesoup merge            # embedded default: tiny checkpoints made in code
+    bonesoup bench merge --quick
 
 Errors in the user's input print one line naming what was wrong and exit 2.
 """
@@ -113,11 +114,42 @@ def _demo(args) -> int:
     return 0
 
 
+_BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py"}
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from the source tree's benchmarks/ folder",
+        description="Run benchmarks/bench_merge.py (kernel vs torch vs copy bandwidth) or "
+        "benchmarks/bench_checkpoint_merge.py (bonesoup merge end to end vs a state-dict loop). "
+        "Arguments after the name go to the script, e.g. `bonesoup bench merge --quick`.",
+    )
+    p.add_argument("which", choices=sorted(_BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / _BENCHES[args.which]
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the benchmarks ship with the source tree, not the wheel")
+    sys.argv = [str(script), *args.rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonesoup", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""The `bonesoup` command line: merge, the embedded demo, and its errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bonesoup.cli import main
+from bonesoup.tiny_models import make_tiny_backbones
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_backbones(root, 2, seed=3)
+
+
+def test_merge_command_writes_the_merge(tiny, tmp_path, capsys):
+    sft, (b0, b1) = tiny
+    out = tmp_path / "soup"
+    rc = main(["merge", str(b0), str(b1), "--out", str(out), "--preference", "1", "0", "--beta", "0.7",
+               "--alpha", "0.5", "--sft", str(sft), "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [i["coefficient"] for i in report["inputs"]] == pytest.approx([1.5 * 1.75, 1.5 * -0.75, -0.5])
+    got = load_file(out / "model.safetensors")
+    ins = [load_file(p / "model.safetensors") for p in (b0, b1, sft)]
+    key = "transformer.h.0.attn.c_attn.weight"
+    ref = 2.625 * ins[0][key].double() - 1.125 * ins[1][key].double() - 0.5 * ins[2][key].double()
+    torch.testing.assert_close(got[key].double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preference", "0.5", "0.6", "--beta", "0.7"], "must sum to 1"),
+        (["--preference", "0.5", "0.5", "--beta", "0.4"], "strictly between 0.5 and 1"),
+        (["--preference", "0.5", "0.5"], "--beta is required"),
+        (["--beta", "0.7"], "--preference is required"),
+        (["--preference", "0.5", "0.5", "--beta", "0.7", "--alpha", "0.2"], "sft"),
+    ],
+)
+def test_merge_command_errors_name_the_problem(tiny, tmp_path, capsys, argv, message):
+    sft, (b0, b1) = tiny
+    rc = main(["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), *argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("bonesoup merge: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_directory(tmp_path, capsys):
+    rc = main(["merge", str(tmp_path / "nope"), str(tmp_path / "nope2"), "--out", str(tmp_path / "o"),
+               "--preference", "0.5", "0.5", "--beta", "0.7"])
+    assert rc == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
+    rc = main(["merge", "--workdir", str(tmp_path / "demo"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "max |merged - float64 reference|" in out
+    worst = float(out.split("max |merged - float64 reference| over all weights:")[1].split()[0])
+    assert worst < 1e-5
+    report = json.loads((tmp_path / "demo" / "merged" / "bonesoup-merge.json").read_text())
+    assert report["preference"] == [0.8, 0.2] and report["alpha"] == 0.1
