@@ -1,9 +1,10 @@
 """Triton kernel for the n-way merge, and its launcher.
 
 One kernel serves ``sk.merge`` (one tensor) and ``sk.merge_many`` (a whole
-parameter list): the launcher passes a table of tensor addresses and a table
-of tiles (tensor index, start element), so a model of any number of tensors
-is merged in ONE launch per dtype signature. Each program merges one tile of
+parameter list): the launcher passes a table of tensor addresses and the
+prefix sums of each tensor's tile count (a program finds its tensor by binary
+search), so a model of any number of tensors is merged in ONE launch per
+dtype signature, and the table is O(tensors) bytes. Each program merges one tile of
 ``TILE`` elements: it reads each input once, accumulates in fp32 registers and
 stores the output once - the bytes moved are the floor, (n + 1) x P x size.
 
@@ -79,26 +80,30 @@ def _merge_tiles_kernel(
     out_addrs,  # int64 [T]       address of each output
     in_addrs,  # int64 [T, N]     addresses of the inputs, grouped f32|bf16|f16
     sizes,  # int64 [T]           elements per tensor
-    tile_tensor,  # int64 [G]     tensor index of each tile (unused if SINGLE)
-    tile_start,  # int64 [G]      first element of each tile (unused if SINGLE)
+    tile_off,  # int64 [T + 1]    first tile of each tensor (exclusive prefix sum)
     coeffs,  # fp32 [N]           coefficients in the same grouped order
     N_F32: tl.constexpr,
     N_BF16: tl.constexpr,
     N_F16: tl.constexpr,
     OUT_CODE: tl.constexpr,
-    SINGLE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # ceil(log2(T)); 0 for a single tensor
     ALIGNED: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     N: tl.constexpr = N_F32 + N_BF16 + N_F16
-    if SINGLE:
-        t = 0
-        start = pid.to(tl.int64) * TILE
-    else:
-        t = tl.load(tile_tensor + pid)
-        start = tl.multiple_of(tl.load(tile_start + pid), TILE)
+    # Which tensor owns this tile: binary search over T + 1 prefix sums, so the
+    # table is O(tensors), not O(tiles) (a 7B model has ~800k tiles).
+    lo = pid * 0
+    hi = lo + (1 << SEARCH_STEPS)
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(tile_off + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    t = lo
+    start = tl.multiple_of((pid - tl.load(tile_off + t)) * TILE, TILE)
     end = tl.minimum(start + TILE, tl.load(sizes + t))
     out = _as_ptr(tl.load(out_addrs + t), OUT_CODE, ALIGNED)
     row = in_addrs + t * N
@@ -134,40 +139,33 @@ def merge_group_triton(
     for t, (o, g) in enumerate(zip(outs, groups)):
         addrs[t, 0] = o.data_ptr()
         addrs[t, 1:] = [g[k].data_ptr() for k in order]
-    single = T == 1
     aligned = bool((addrs % 16 == 0).all())
-    if single:
-        grid = triton.cdiv(int(sizes[0]), TILE)
-        tile_tensor = np.zeros(1, dtype=np.int64)
-        tile_start = np.zeros(1, dtype=np.int64)
-    else:
-        tiles = (sizes + TILE - 1) // TILE
-        grid = int(tiles.sum())
-        tile_tensor = np.repeat(np.arange(T, dtype=np.int64), tiles)
-        first = np.repeat(np.cumsum(tiles) - tiles, tiles)
-        tile_start = (np.arange(grid, dtype=np.int64) - first) * TILE
+    tiles = (sizes + TILE - 1) // TILE
+    grid = int(tiles.sum())
     if grid == 0:
         return
+    steps = max(0, (T - 1).bit_length())  # 2**steps >= T
+    # Pad the prefix sums to 2**steps + 1 entries so the search never reads past them.
+    tile_off = np.full((1 << steps) + 1, grid, dtype=np.int64)
+    tile_off[0] = 0
+    tile_off[1 : T + 1] = np.cumsum(tiles)
     # One host->device copy for all int64 tables.
-    table = torch.from_numpy(np.concatenate([addrs[:, 0], addrs[:, 1:].reshape(-1), sizes, tile_tensor, tile_start]))
+    table = torch.from_numpy(np.concatenate([addrs[:, 0], addrs[:, 1:].reshape(-1), sizes, tile_off]))
     table = table.to(device, non_blocking=True)
-    o_addr, rest = table[:T], table[T:]
-    i_addr, rest = rest[: T * len(order)], rest[T * len(order) :]
-    t_sizes, rest = rest[:T], rest[T:]
-    t_tensor, t_start = rest[: len(tile_tensor)], rest[len(tile_tensor) :]
+    o_addr, i_addr = table[:T], table[T : T + T * len(order)]
+    t_sizes, t_off = table[T + T * len(order) : 2 * T + T * len(order)], table[2 * T + T * len(order) :]
     c = torch.tensor([float(coeffs[k]) for k in order], dtype=torch.float32).to(device, non_blocking=True)
     _merge_tiles_kernel[(grid,)](
         o_addr,
         i_addr,
         t_sizes,
-        t_tensor,
-        t_start,
+        t_off,
         c,
         N_F32=counts[0],
         N_BF16=counts[1],
         N_F16=counts[2],
         OUT_CODE=DTYPE_CODE[outs[0].dtype],
-        SINGLE=single,
+        SEARCH_STEPS=steps,
         ALIGNED=aligned,
         TILE=TILE,
         BLOCK=BLOCK,

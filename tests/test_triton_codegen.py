@@ -25,13 +25,12 @@ from triton.compiler import ASTSource
 from soupkernels import triton_merge as tm
 
 single, aligned = sys.argv[1] == "1", sys.argv[2] == "1"
-sig = {"out_addrs": "*i64", "in_addrs": "*i64", "sizes": "*i64", "tile_tensor": "*i64", "tile_start": "*i64",
-       "coeffs": "*fp32"}
-consts = {"N_F32": 1, "N_BF16": 3, "N_F16": 0, "OUT_CODE": 1, "SINGLE": single, "ALIGNED": aligned,
-          "TILE": tm.TILE, "BLOCK": tm.BLOCK}
+sig = {"out_addrs": "*i64", "in_addrs": "*i64", "sizes": "*i64", "tile_off": "*i64", "coeffs": "*fp32"}
+consts = {"N_F32": 1, "N_BF16": 3, "N_F16": 0, "OUT_CODE": 1, "SEARCH_STEPS": 0 if single else 9,
+          "ALIGNED": aligned, "TILE": tm.TILE, "BLOCK": tm.BLOCK}
 sig.update({k: "constexpr" for k in consts})
 src = ASTSource(fn=tm._merge_tiles_kernel, signature=sig, constexprs=consts,
-                attrs={(i,): [["tt.divisibility", 16]] for i in range(6)})
+                attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
 try:
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tm.NUM_WARPS})
 except Exception as exc:
