@@ -66,25 +66,19 @@ def timeit(fn, device: str, repeats: int, warmup: int = 1) -> list[float]:
 
 
 class CopyBandwidth:
-    """Bytes/s of a large preallocated copy ``dst.copy_(src)``, counting read + write.
+    """Bytes/s of a large preallocated copy ``dst.copy_(src)``, counting read + write."""
 
-    Re-measured before every row and the best figure kept: on a shared or
-    virtual machine a single measurement can catch a slow moment, and a low
-    copy figure would flatter every ratio. Taking the maximum makes the
-    reported ratios conservative.
-    """
-
-    def __init__(self, device: str, nbytes: int, repeats: int):
-        self.device, self.nbytes, self.repeats = device, nbytes, repeats
+    def __init__(self, device: str, nbytes: int):
+        self.device, self.nbytes = device, nbytes
         self.src = torch.randn(nbytes // 4, device=device)
         self.dst = torch.empty_like(self.src)
-        self.best = 0.0
-        self.measure()
+        self.dst.copy_(self.src)  # first touch of dst's pages, outside any timing
 
-    def measure(self) -> float:
-        t = min(timeit(lambda: self.dst.copy_(self.src), self.device, self.repeats))
-        self.best = max(self.best, 2 * self.nbytes / t)
-        return self.best
+    def sample(self) -> float:
+        return 2 * self.nbytes / timeit(lambda: self.dst.copy_(self.src), self.device, 1, warmup=0)[0]
+
+    def best(self, repeats: int) -> float:
+        return max(self.sample() for _ in range(repeats))
 
 
 def model_shapes(total: int) -> list[int]:
@@ -103,7 +97,8 @@ def model_shapes(total: int) -> list[int]:
     return sizes + [d, 8 * d * d]
 
 
-def bench_one(n: int, dtype: torch.dtype, size: int, device: str, repeats: int, skip_naive: bool):
+def bench_one(n: int, dtype: torch.dtype, size: int, device: str, repeats: int, copy: "CopyBandwidth",
+              skip_naive: bool):
     gen = torch.Generator(device=device).manual_seed(n * 1000 + size % 997)
     n_in = n + 1  # n backbones + the SFT model
     xs = [torch.randn(size, generator=gen, device=device).to(dtype) for _ in range(n_in)]
@@ -113,10 +108,18 @@ def bench_one(n: int, dtype: torch.dtype, size: int, device: str, repeats: int, 
     ideal = (n_in + 1) * size * esize
     row = {"n": n, "inputs": n_in, "dtype": str(dtype).removeprefix("torch."), "elements": size, "ideal_bytes": ideal}
 
-    t_ours = timeit(lambda: sk.merge(xs, coeffs, out=out), device, repeats)
-    row["ours_s"] = min(t_ours)
-    row["ours_median_s"] = statistics.median(t_ours)
+    # Ours and the copy alternate, sample by sample, so both see the same
+    # machine (a shared VM drifts by tens of percent over a minute).
+    ours, copies = [], []
+    for _ in range(repeats):
+        copies.append(copy.sample())
+        ours += timeit(lambda: sk.merge(xs, coeffs, out=out), device, 1, warmup=0 if ours else 1)
+    copy_bw = max(copies)
+    row["copy_bw"] = copy_bw
+    row["ours_s"] = min(ours)
+    row["ours_median_s"] = statistics.median(ours)
     row["ours_bw"] = ideal / row["ours_s"]
+    row["ours_over_copy"] = row["ours_bw"] / copy_bw
 
     t_chain = timeit(lambda: merge_inplace_chain(xs, coeffs, out), device, repeats)
     row["chain_s"] = min(t_chain)
@@ -143,8 +146,8 @@ def bench_nontemporal(dtype, size, n, repeats):
             "regular_s": res[False], "streaming_s": res[True], "streaming_speedup": res[False] / res[True]}
 
 
-def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int):
-    """A whole model's parameter list: sk.merge_many vs torch._foreach_ chain."""
+def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int, copy: "CopyBandwidth"):
+    """A whole model's parameter list: sk.merge_many vs torch._foreach_ chain and one flat buffer."""
     sizes = model_shapes(total)
     gen = torch.Generator(device=device).manual_seed(7)
     models = [[torch.randn(s, generator=gen, device=device).to(dtype) for s in sizes] for _ in range(n + 1)]
@@ -153,6 +156,9 @@ def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int
     outs = [torch.empty(s, dtype=dtype, device=device) for s in sizes]
     P = sum(sizes)
     ideal = (n + 2) * P * outs[0].element_size()
+    # the same bytes as one flat buffer: what merge_many should approach
+    flat = [torch.randn(P, generator=gen, device=device).to(dtype) for _ in range(n + 1)]
+    flat_out = torch.empty(P, dtype=dtype, device=device)
 
     def foreach():
         torch._foreach_copy_(outs, models[0])
@@ -160,16 +166,17 @@ def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int
         for m, c in zip(models[1:], coeffs[1:]):
             torch._foreach_add_(outs, m, alpha=c)
 
-    t_ours = min(timeit(lambda: sk.merge_many(groups, coeffs, outs=outs), device, repeats))
+    many, flat_t, copies = [], [], []
+    for i in range(repeats):  # interleaved, as in bench_one
+        copies.append(copy.sample())
+        many += timeit(lambda: sk.merge_many(groups, coeffs, outs=outs), device, 1, warmup=int(i == 0))
+        flat_t += timeit(lambda: sk.merge(flat, coeffs, out=flat_out), device, 1, warmup=int(i == 0))
+    t_ours, t_flat = min(many), min(flat_t)
     t_fe = min(timeit(foreach, device, repeats))
-    # the same bytes as one flat buffer: what merge_many should approach
-    flat = [torch.randn(P, generator=gen, device=device).to(dtype) for _ in range(n + 1)]
-    flat_out = torch.empty(P, dtype=dtype, device=device)
-    t_flat = min(timeit(lambda: sk.merge(flat, coeffs, out=flat_out), device, repeats))
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tensors": len(sizes), "elements": P,
-            "merge_many_s": t_ours, "foreach_s": t_fe, "flat_merge_s": t_flat,
+            "merge_many_s": t_ours, "foreach_s": t_fe, "flat_merge_s": t_flat, "copy_bw": max(copies),
             "speedup_vs_foreach": t_fe / t_ours, "many_over_flat": t_ours / t_flat,
-            "merge_many_bw": ideal / t_ours}
+            "merge_many_over_copy": ideal / t_ours / max(copies)}
 
 
 def fmt_size(n: int) -> str:
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
     else:
         sizes = [1 << 20, 1 << 24, 1 << 26, 1 << 28]
     copy_bytes = (256 << 20) if args.quick else (1 << 30)
-    copy_bw = CopyBandwidth(device, copy_bytes, args.repeats)
+    copy = CopyBandwidth(device, copy_bytes)
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
@@ -214,34 +221,28 @@ def main(argv=None) -> int:
     for dt_name in args.dtypes:
         for n in args.n:
             for size in sizes:
-                copy_bw.measure()
-                rows.append(bench_one(n, DTYPES[dt_name], size, device, args.repeats,
+                rows.append(bench_one(n, DTYPES[dt_name], size, device, args.repeats, copy,
                                       skip_naive=size > args.skip_naive_above))
                 print(f"  done n={n} {dt_name} {fmt_size(size)}", file=sys.stderr, flush=True)
     many = []
     total = (1 << 22) if args.quick else (1 << 26)
     for dt_name in args.dtypes:
-        copy_bw.measure()
-        many.append(bench_many(3, DTYPES[dt_name], total, device, args.repeats))
+        many.append(bench_many(3, DTYPES[dt_name], total, device, args.repeats, copy))
     nt_rows = []
     if device == "cpu" and sk.cpu_info().get("cpp"):
         for size in ([1 << 22] if args.quick else [1 << 22, 1 << 26, 1 << 28]):
             nt_rows.append(bench_nontemporal(torch.bfloat16, size, 3, args.repeats))
 
-    copy_bw.measure()
-    best_copy = copy_bw.best
-    info["copy_bw_GBps"] = best_copy / 1e9
-    for r in rows:
-        r["ours_over_copy"] = r["ours_bw"] / best_copy
-    for r in many:
-        r["merge_many_over_copy"] = r["merge_many_bw"] / best_copy
+    best_copy = max([r["copy_bw"] for r in rows + many] + [copy.best(args.repeats)])
+    info["copy_bw_GBps_best"] = best_copy / 1e9
     result = {"info": info, "merge": rows, "merge_many": many, "nontemporal": nt_rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 
     print(f"\n# bench_merge  {info['date']}  device={info['device']}  cpu={info['cpu']}  torch={info['torch']}")
-    print(f"# copy bandwidth (read+write, {fmt_size(copy_bytes)}B buffers, best of the run): {best_copy / 1e9:.2f} GB/s")
+    print(f"# copy bandwidth: dst.copy_(src) of {fmt_size(copy_bytes)}B, read+write counted; each row's ratio uses the\n"
+          f"# best copy sampled alternately with that row's own samples (best of the whole run: {best_copy / 1e9:.2f} GB/s)")
     if nt_rows:
         print("\nstreaming (non-temporal) stores, n=3+SFT bf16:")
         for r in nt_rows:

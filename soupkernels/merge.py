@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from soupkernels._dtypes import dtype_code
+from soupkernels._dtypes import DTYPE_CODE, dtype_code
 from soupkernels.backend import backend_for
 from soupkernels.reference import merge_reference
 
@@ -44,8 +44,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + t.numel() * t.element_size()
 
 
-def _check_group(tensors, out, where: str) -> None:
-    """Shapes, devices, dtypes, contiguity and aliasing of one merge."""
+def _explain_group(tensors, out, where: str) -> None:
+    """Raise the error that names what is wrong with one merge's tensors."""
     first = tensors[0]
     for k, t in enumerate(tensors):
         name = f"{where}[{k}]"
@@ -68,10 +68,6 @@ def _check_group(tensors, out, where: str) -> None:
         raise ValueError(f"{oname} is on {out.device} but the inputs are on {first.device}")
     if not out.is_contiguous():
         raise ValueError(f"{oname} is not contiguous (strides {out.stride()})")
-    if out.numel() == 0:
-        return
-    # Exact aliasing (out IS an input) is safe: every element is read before
-    # it is written. Partial overlap would read already-merged values.
     o_lo, o_hi = _span(out)
     for k, t in enumerate(tensors):
         lo, hi = _span(t)
@@ -80,15 +76,46 @@ def _check_group(tensors, out, where: str) -> None:
                 f"{oname} partially overlaps {where}[{k}]; out may alias an input only exactly "
                 "(same storage offset and dtype)"
             )
+    raise AssertionError("unreachable: _check_group found a problem _explain_group did not")
+
+
+def _check_group(tensors, out, where: str) -> None:
+    """Shapes, devices, dtypes, contiguity and aliasing of one merge.
+
+    A fast all-good test first (merge_many checks hundreds of groups per
+    call); only a failing group pays for the detailed error.
+    """
+    try:
+        shape, dev = out.shape, out.device
+        ok = out.dtype in DTYPE_CODE and out.is_contiguous()
+        o_lo = out.data_ptr()
+        o_hi = o_lo + out.numel() * out.element_size()
+        for t in tensors:
+            if not (t.shape == shape and t.device == dev and t.dtype in DTYPE_CODE and t.is_contiguous()):
+                ok = False
+                break
+            lo = t.data_ptr()
+            # Exact aliasing (out IS an input) is safe: every element is read
+            # before it is written. Partial overlap would read merged values.
+            if lo < o_hi and o_lo < lo + t.numel() * t.element_size() and not (lo == o_lo and t.dtype == out.dtype):
+                ok = False
+                break
+    except AttributeError:  # not a tensor
+        ok = False
+    if not ok:
+        _explain_group(tensors, out, where)
 
 
 def _run(outs, groups, coeffs) -> None:
     """Dispatch validated work: one kernel call per (backend, signature)."""
     buckets: dict[tuple, list[int]] = defaultdict(list)
+    backends: dict[torch.device, str] = {}
     for i, (o, g) in enumerate(zip(outs, groups)):
         if o.numel() == 0:
             continue
-        key = (backend_for(o), o.device, o.dtype, tuple(t.dtype for t in g))
+        if o.device not in backends:
+            backends[o.device] = backend_for(o)
+        key = (backends[o.device], o.device, o.dtype, tuple(t.dtype for t in g))
         buckets[key].append(i)
     for (backend, _dev, _odt, _idt), idx in buckets.items():
         sub_outs = [outs[i] for i in idx]
@@ -190,7 +217,8 @@ def merge_many(
         return []
     n = None
     for p, g in enumerate(groups):
-        if isinstance(g, torch.Tensor) or not isinstance(g, Sequence) or len(g) == 0:
+        if not isinstance(g, (list, tuple)) and (isinstance(g, torch.Tensor) or not isinstance(g, Sequence)) \
+                or len(g) == 0:
             raise TypeError(f"groups[{p}] must be a non-empty sequence of tensors")
         if n is None:
             n = len(g)
