@@ -35,6 +35,7 @@ exist afterwards, and a re-run must remove the stale temporary directory and
 produce an output byte-identical to the timed runs' output.
 
     python benchmarks/bench_checkpoint_merge.py                 # ~194 MB per checkpoint
+    python benchmarks/bench_checkpoint_merge.py --preset large  # ~806 MB per checkpoint, shards > one merge batch
     python benchmarks/bench_checkpoint_merge.py --quick         # ~30 MB per checkpoint, < 1 minute
     python benchmarks/bench_checkpoint_merge.py --json bench-out/ckpt-merge.json
 
@@ -64,6 +65,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Model shapes. Parameters ~ 12 * n_embd^2 * n_layer (vocabulary 384, 128 positions).
 PRESETS = {
+    # ~806 MB per checkpoint in bf16, 2 shards of <= 500 MB: shards larger than a
+    # merge batch, so peak memory is set by the batch, not the shard or model.
+    "large": dict(n_embd=2048, n_layer=8, n_head=16, shard_size="500MB"),
     # ~194 MB per checkpoint in bf16, 5 shards of <= 50 MB.
     "full": dict(n_embd=1024, n_layer=8, n_head=16, shard_size="50MB"),
     # ~32 MB per checkpoint, 4 shards.
@@ -522,7 +526,7 @@ def parse_args(argv):
     p.add_argument("--workdir", type=Path, default=Path("bench-out/ckpt"),
                    help="cache for the checkpoints, outputs and logs (default bench-out/ckpt)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="model size: full (~194 MB/checkpoint), quick (~32 MB), tiny (~1 MB, for tests)")
+                   help="model size: large (~806 MB/checkpoint), full (~194 MB), quick (~32 MB), tiny (~1 MB, for tests)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--preference", type=float, nargs="+", default=[0.5, 0.3, 0.2])
