@@ -421,14 +421,14 @@ def _same_files(a: Path, b: Path, names) -> bool:
 def crash_check(cmd_for, out: Path, reference: Path, log_dir: Path, attempts: int = 8) -> dict:
     """SIGKILL ``bonesoup merge`` while it writes; then check nothing is at ``out`` and a re-run recovers.
 
-    The temporary directory is ``.{out.name}.bonesoup-tmp-{pid}-{hex}`` beside
+    The temporary directory is ``.{out.name}.bonesoup-tmp-{pid}.{start}-{hex}`` beside
     ``out`` (bonesoup.checkpoint.atomic_output_dir). We poll for the one with the
     child's pid and kill once a shard file in it has data (the writer is
     mid-shard); if the child finishes first, that attempt is retried (the
     second half of the attempts kill as soon as the directory appears).
     """
     parent, name = out.parent, out.name
-    tmp_re = re.compile(rf"\.{re.escape(name)}\.bonesoup-tmp-(\d+)-[0-9a-f]+")
+    tmp_re = re.compile(rf"\.{re.escape(name)}\.bonesoup-tmp-(\d+)(?:\.\d+)?-[0-9a-f]+")
     any_re = re.compile(rf"\.{re.escape(name)}\.bonesoup-(tmp|old)-\d+-[0-9a-f]+")
     parent.mkdir(parents=True, exist_ok=True)
 

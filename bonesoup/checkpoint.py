@@ -147,8 +147,11 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    """Parse the JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse the JSON header of a safetensors file (8-byte little-endian length, then JSON).
+
+    Returns ``(header, data_bytes)``: the header and the number of bytes after it.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -163,7 +166,7 @@ def _read_safetensors_header(path: Path) -> dict:
         raise ValueError(f"{path} is not a valid safetensors file: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a valid safetensors file: header is not a JSON object")
-    return header
+    return header, size - 8 - n
 
 
 class CheckpointDir:
@@ -242,17 +245,26 @@ class CheckpointDir:
             shard_path = self.path / shard
             if not shard_path.is_file():
                 raise FileNotFoundError(f"{shard_path} is listed in {index_path} but does not exist")
-            header = _read_safetensors_header(shard_path)
+            header, data_bytes = _read_safetensors_header(shard_path)
             entries = []
             for key, desc in header.items():
                 if key == "__metadata__":
                     continue
                 try:
-                    st_dtype, shape, (begin, _end) = desc["dtype"], desc["shape"], desc["data_offsets"]
+                    st_dtype, shape, (begin, end) = desc["dtype"], desc["shape"], desc["data_offsets"]
+                    begin, end, shape = int(begin), int(end), [int(d) for d in shape]
                 except (TypeError, KeyError, ValueError):
                     raise ValueError(f"{shard_path}: malformed header entry for key {key!r}") from None
                 if st_dtype not in _ST_TO_TORCH:
                     raise ValueError(f"{shard_path}: key {key!r} has dtype {st_dtype}, which torch cannot hold")
+                # A truncated or corrupt file is refused here, before anything is
+                # written, not half-way through a merge.
+                if end - begin != math.prod(shape) * _ST_TO_TORCH[st_dtype].itemsize or not 0 <= begin <= end:
+                    raise ValueError(f"{shard_path}: key {key!r} has data_offsets {[begin, end]} that do not "
+                                     f"match its shape {shape} and dtype {st_dtype}")
+                if end > data_bytes:
+                    raise ValueError(f"{shard_path} is truncated: key {key!r} ends at byte {end} of the data "
+                                     f"but the file holds {data_bytes} data bytes")
                 if key in infos:
                     raise ValueError(f"key {key!r} appears in both {infos[key].file} and {shard} of {self.path}")
                 if weight_map is not None and weight_map.get(key) != shard:
@@ -515,28 +527,53 @@ def check_free_space(directory: str | os.PathLike, required_bytes: int) -> None:
 
 
 def _temp_dir_re(target_name: str) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(target_name)}\.bonesoup-(tmp|old)-(\d+)-[0-9a-f]+")
+    # pid, then (Linux) ".start-time" of that process, then a random tag
+    return re.compile(rf"\.{re.escape(target_name)}\.bonesoup-(tmp|old)-(\d+)(?:\.(\d+))?-[0-9a-f]+")
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), else None.
+
+    PIDs are reused (in containers the same PIDs come back on every run), so a
+    temporary directory names its writer by pid AND start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22 overall
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _writer_tag() -> str:
+    start = _process_start(os.getpid())
+    return f"{os.getpid()}" + (f".{start}" if start is not None else "")
+
+
+def _writer_alive(pid: int, start: int | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     except OSError:
         return False
+    if start is not None:
+        now = _process_start(pid)
+        if now is not None and now != start:
+            return False  # the pid was reused by another process
     return True
 
 
 def clean_stale_temp_dirs(target: str | os.PathLike) -> list[Path]:
     """Remove temporary directories that a killed run left beside ``target``.
 
-    They are recognised by name: ``.{target}.bonesoup-tmp-{pid}-{hex}`` (an
-    output being written) and ``.{target}.bonesoup-old-{pid}-{hex}`` (a
-    previous output moved aside by ``force``), and are removed only when
-    process ``pid`` is no longer alive (on this host). An ``old`` directory is
+    They are recognised by name: ``.{target}.bonesoup-tmp-{pid}.{start}-{hex}``
+    (an output being written) and ``.{target}.bonesoup-old-{pid}.{start}-{hex}``
+    (a previous output moved aside by ``force``), and are removed only when
+    process ``pid`` with that start time is no longer alive (on this host; a
+    reused pid does not keep a dead run's leftovers alive). An ``old`` directory is
     put back as ``target`` if the run died between the two renames and the
     target is missing. Returns the paths removed.
     """
@@ -547,7 +584,7 @@ def clean_stale_temp_dirs(target: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in sorted(target.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
-        if not m or not entry.is_dir() or _pid_alive(int(m.group(2))):
+        if not m or not entry.is_dir() or _writer_alive(int(m.group(2)), m.group(3) and int(m.group(3))):
             continue
         if m.group(1) == "old" and not target.exists():
             log.warning("restoring %s from %s, left by a run (pid %s) that died while replacing it",
@@ -558,6 +595,11 @@ def clean_stale_temp_dirs(target: str | os.PathLike) -> list[Path]:
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -577,7 +619,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, required_bytes: int = 0) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``target`` when the block completes.
 
-    The temporary directory, ``.{name}.bonesoup-tmp-{pid}-{hex}``, is created
+    The temporary directory, ``.{name}.bonesoup-tmp-{pid}.{start}-{hex}``, is created
     beside ``target`` (same filesystem, so the final ``os.replace`` is
     atomic). If the block raises, it is removed and ``target`` is untouched.
     Before creating it, stale temporary directories of dead runs for the same
@@ -616,11 +658,17 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, require
     clean_stale_temp_dirs(target)  # first: it may put back a target that a killed --force run moved aside
     refuse_existing()
     check_free_space(parent, required_bytes)
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tag = f"{_writer_tag()}-{secrets.token_hex(4)}"
     tmp = parent / f".{target.name}.bonesoup-tmp-{tag}"
     tmp.mkdir()
     try:
         yield tmp
+        # Everything on disk before the rename makes it visible: after a power
+        # loss the output is either absent or complete (shards fsync
+        # themselves; config, tokenizer, index and report files here).
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
         _fsync_dir(tmp)
         refuse_existing()  # it may have appeared while we were writing
         if target.exists():

@@ -32,7 +32,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--out", type=Path, help="output directory (default for the demo: WORKDIR/merged)")
     p.add_argument("--preference", type=float, nargs="+", help="mu, one weight per backbone, summing to 1")
     p.add_argument("--beta", type=float, help="backbone mixing strength in (0.5, 1) (method bone)")
-    p.add_argument("--alpha", type=float, default=0.0, help="extrapolation strength (needs --sft when non-zero)")
+    p.add_argument("--alpha", type=float, help="extrapolation strength (needs --sft when non-zero; default 0, "
+                   "demo 0.1)")
     p.add_argument("--sft", type=Path, help="SFT checkpoint directory (for --alpha)")
     p.add_argument("--method", choices=["bone", "rewarded"], default="bone")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: as input)")
@@ -55,7 +56,7 @@ def _cmd_merge(args) -> int:
     if args.method == "bone" and args.beta is None:
         raise ValueError("--beta is required for --method bone")
     out = merge_checkpoints(
-        args.backbones, args.out, preference=args.preference, beta=args.beta, alpha=args.alpha, sft=args.sft,
+        args.backbones, args.out, preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, sft=args.sft,
         method=args.method, dtype=args.dtype, device=args.device, force=args.force, progress=not args.no_progress,
     )
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
@@ -76,12 +77,13 @@ def _demo(args) -> int:
     transformers.logging.disable_progress_bar()
     pref = args.preference or [0.8, 0.2]
     beta = 0.7 if args.beta is None else args.beta
-    alpha = args.alpha if args.alpha else 0.1
+    alpha = 0.1 if args.alpha is None else args.alpha
     n = len(pref)
     work = args.workdir
     print(f"[demo] building {n} tiny GPT-2 backbones + SFT under {work} (sharded safetensors, made in code)")
     sft, backbones = make_tiny_backbones(work / f"inputs-n{n}", n, seed=0, shard_size="200KB")
     out = args.out or work / "merged"
+    force = args.force or args.out is None  # the demo's own default output is always rebuilt
     lam = bone_coefficients(pref, beta) if args.method == "bone" else rewarded_soup_coefficients(pref)
     c, c_sft = fold_extrapolation(lam, alpha)
     print(f"[demo] preference mu = {pref}, beta = {beta}, alpha = {alpha}, method = {args.method}")
@@ -90,7 +92,7 @@ def _demo(args) -> int:
           f"{c.round(4).tolist()}, sft {c_sft:+.4f}")
     t0 = time.perf_counter()
     merge_checkpoints(backbones, out, preference=pref, beta=beta, alpha=alpha, sft=sft, method=args.method,
-                      dtype=args.dtype, device=args.device, force=True, progress=not args.no_progress)
+                      dtype=args.dtype, device=args.device, force=force, progress=not args.no_progress)
     print(f"[demo] merged into {out} in {time.perf_counter() - t0:.2f} s "
           f"(cpu kernels: {sk.cpu_info()}, backend {sk.backend_for(torch.empty(0))})")
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError covers missing files, ENOSPC, existing output
         print(f"bonesoup {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -101,8 +101,10 @@ def backbone_matrix(n: int, beta: float) -> np.ndarray:
 def bone_coefficients(mu: Sequence[float], beta: float) -> np.ndarray:
     """Bone Soup merge coefficients ``lambda = B^-1 mu`` (float64 ``[n]``).
 
-    Uses the closed form ``lambda = (mu - g 1) / (beta - g)``, exact because
-    ``sum(mu) = 1``. Entries may be negative and are never clipped.
+    Uses the closed form ``lambda = (mu - g sum(mu) 1) / (beta - g)``, which is
+    B^-1 mu exactly for any mu (B's rows sum to 1, so sum(lambda) = sum(mu));
+    with sum(mu) = 1 it is the paper's ``(mu - g 1) / (beta - g)``. Entries
+    may be negative and are never clipped.
 
     >>> bone_coefficients([1.0, 0.0], beta=0.7).round(6).tolist()
     [1.75, -0.75]
@@ -111,7 +113,7 @@ def bone_coefficients(mu: Sequence[float], beta: float) -> np.ndarray:
     arr = validate_preference(mu)
     n = _validate_n(arr.size)
     g = (1.0 - beta) / (n - 1)
-    return (arr - g) / (beta - g)
+    return (arr - g * arr.sum()) / (beta - g)
 
 
 def rewarded_soup_coefficients(mu: Sequence[float]) -> np.ndarray:

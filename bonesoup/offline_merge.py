@@ -177,8 +177,9 @@ def merge_checkpoints(
     out_dir = Path(out_dir)
     sft_path = Path(sft) if sft is not None else None
     for p in backbones + ([sft_path] if sft_path else []):
-        if p.exists() and out_dir.exists() and out_dir.resolve() == p.resolve():
-            raise ValueError(f"out_dir {out_dir} is one of the inputs; write the merge somewhere else")
+        # out_dir may be replaced (force=True): it must neither be nor contain an input.
+        if p.exists() and out_dir.exists() and p.resolve().is_relative_to(out_dir.resolve()):
+            raise ValueError(f"out_dir {out_dir} is or contains the input {p}; write the merge somewhere else")
     if out_dir.exists() and not force:
         raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
 

@@ -28,21 +28,35 @@ namespace isa_scalar {
 }  // namespace isa_scalar
 
 #if SOUPKERNELS_X86
+// clang ignores `#pragma GCC target`; it has its own form. (Only GCC builds
+// are exercised here: the project's machines have no clang.)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#endif
 namespace isa_avx2 {
 #include "simd_avx2.inc"
 #include "merge_body.inc"
 }  // namespace isa_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC pop_options
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
+#endif
 namespace isa_avx512 {
 #include "simd_avx512.inc"
 #include "merge_body.inc"
 }  // namespace isa_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif
 
 using RangeFn = void (*)(const MergeArgs&, int64_t, int64_t, int64_t);
@@ -73,8 +87,9 @@ RangeFn range_fn(Simd s) {
 // Below this many elements per thread, waking another thread costs more than
 // the bandwidth it adds.
 constexpr int64_t kMinPerThread = 1 << 16;
-// Thread boundaries fall on multiples of this many elements: whole cache lines
-// for every dtype, so two threads never write one line.
+// Thread boundaries fall on multiples of this many elements of the
+// concatenated tensors: whole cache lines within one tensor (lines shared at
+// tensor boundaries cost a little sharing, never correctness).
 constexpr int64_t kGrain = 64;
 
 }  // namespace

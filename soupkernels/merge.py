@@ -6,6 +6,7 @@ tensors, triton_merge.py for CUDA tensors) assume valid input.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from typing import Sequence
@@ -44,6 +45,14 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + t.numel() * t.element_size()
 
 
+def _explain_layout(t: torch.Tensor, name: str) -> None:
+    if t.data_ptr() % t.element_size():
+        raise ValueError(f"{name} starts at address {t.data_ptr():#x}, not a multiple of its element size "
+                         f"{t.element_size()} (e.g. torch.frombuffer with an odd offset); copy it first")
+    if t.is_neg() or t.is_conj():
+        raise ValueError(f"{name} has a lazy negation/conjugation bit set; pass {name}.resolve_neg()")
+
+
 def _explain_group(tensors, out, where: str) -> None:
     """Raise the error that names what is wrong with one merge's tensors."""
     first = tensors[0]
@@ -58,6 +67,7 @@ def _explain_group(tensors, out, where: str) -> None:
             raise ValueError(f"{name} is on {t.device} but {where}[0] is on {first.device}")
         if not t.is_contiguous():
             raise ValueError(f"{name} is not contiguous (strides {t.stride()}); pass {name}.contiguous()")
+        _explain_layout(t, name)
     oname = f"out for {where}"
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{oname} must be a torch.Tensor, got {type(out).__name__}")
@@ -68,6 +78,7 @@ def _explain_group(tensors, out, where: str) -> None:
         raise ValueError(f"{oname} is on {out.device} but the inputs are on {first.device}")
     if not out.is_contiguous():
         raise ValueError(f"{oname} is not contiguous (strides {out.stride()})")
+    _explain_layout(out, oname)
     o_lo, o_hi = _span(out)
     for k, t in enumerate(tensors):
         lo, hi = _span(t)
@@ -87,14 +98,16 @@ def _check_group(tensors, out, where: str) -> None:
     """
     try:
         shape, dev = out.shape, out.device
-        ok = out.dtype in DTYPE_CODE and out.is_contiguous()
         o_lo = out.data_ptr()
+        ok = (out.dtype in DTYPE_CODE and out.is_contiguous() and o_lo % out.element_size() == 0
+              and not out.is_neg())
         o_hi = o_lo + out.numel() * out.element_size()
         for t in tensors:
-            if not (t.shape == shape and t.device == dev and t.dtype in DTYPE_CODE and t.is_contiguous()):
+            lo = t.data_ptr()
+            if not (t.shape == shape and t.device == dev and t.dtype in DTYPE_CODE and t.is_contiguous()
+                    and lo % t.element_size() == 0 and not t.is_neg()):
                 ok = False
                 break
-            lo = t.data_ptr()
             # Exact aliasing (out IS an input) is safe: every element is read
             # before it is written. Partial overlap would read merged values.
             if lo < o_hi and o_lo < lo + t.numel() * t.element_size() and not (lo == o_lo and t.dtype == out.dtype):
@@ -104,6 +117,39 @@ def _check_group(tensors, out, where: str) -> None:
         ok = False
     if not ok:
         _explain_group(tensors, out, where)
+
+
+def _check_across_groups(outs, groups) -> None:
+    """merge_many: no output may overlap another output or another group's input.
+
+    Groups run in an unspecified order (and in parallel), so such an overlap
+    would read half-merged values: e.g. a model with tied weights listed twice
+    (wte and lm_head share storage) merged in place. O(P log P) over spans.
+    """
+    spans = sorted((*_span(o), p) for p, o in enumerate(outs) if o.numel())
+    for (lo_a, hi_a, p), (lo_b, _hi_b, q) in zip(spans, spans[1:]):
+        if lo_b < hi_a:
+            raise ValueError(f"outs[{p}] and outs[{q}] overlap in memory (tied or shared weights?); "
+                             "merge each storage once")
+    starts = [lo for lo, _, _ in spans]
+    for q, g in enumerate(groups):
+        for k, t in enumerate(g):
+            if not t.numel():
+                continue
+            lo, hi = _span(t)
+            i = bisect.bisect_left(starts, hi) - 1  # the last output starting before this input ends
+            if i >= 0:
+                o_lo, o_hi, p = spans[i]
+                if p != q and o_hi > lo:
+                    raise ValueError(f"outs[{p}] overlaps groups[{q}][{k}], an input of another parameter; "
+                                     "its merge would read already-merged values")
+
+
+def _mark_written(outs) -> None:
+    # The kernels write through raw pointers; tell autograd, as an in-place
+    # torch op would, so a graph that saved these tensors raises on backward.
+    for o in outs:
+        torch.autograd.graph.increment_version(o)
 
 
 def _run(outs, groups, coeffs) -> None:
@@ -124,10 +170,12 @@ def _run(outs, groups, coeffs) -> None:
             from soupkernels.cpp_merge import merge_group_cpp
 
             merge_group_cpp(sub_outs, sub_groups, coeffs)
+            _mark_written(sub_outs)
         elif backend == "triton":
             from soupkernels.triton_merge import merge_group_triton
 
             merge_group_triton(sub_outs, sub_groups, coeffs)
+            _mark_written(sub_outs)
         else:
             for o, g in zip(sub_outs, sub_groups):
                 merge_reference(g, coeffs, out=o)
@@ -237,5 +285,7 @@ def merge_many(
             raise ValueError(f"outs has {len(outs)} tensors but groups has {len(groups)}")
     for p, (o, g) in enumerate(zip(outs, groups)):
         _check_group(g, o, f"groups[{p}]")
+    if len(outs) > 1:
+        _check_across_groups(outs, groups)
     _run(outs, groups, vals)
     return outs

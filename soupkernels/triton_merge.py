@@ -15,6 +15,7 @@ the coefficients to match. Tested on the CPU under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -155,6 +156,13 @@ def merge_group_triton(
     o_addr, i_addr = table[:T], table[T : T + T * len(order)]
     t_sizes, t_off = table[T + T * len(order) : 2 * T + T * len(order)], table[2 * T + T * len(order) :]
     c = torch.tensor([float(coeffs[k]) for k in order], dtype=torch.float32).to(device, non_blocking=True)
+    # Triton launches on the *current* device; the addresses in the table
+    # belong to `device`, so make it current (multi-GPU processes).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _launch(o_addr, i_addr, t_sizes, t_off, c, counts, outs[0].dtype, steps, aligned, grid)
+
+
+def _launch(o_addr, i_addr, t_sizes, t_off, c, counts, out_dtype, steps, aligned, grid) -> None:
     _merge_tiles_kernel[(grid,)](
         o_addr,
         i_addr,
@@ -164,7 +172,7 @@ def merge_group_triton(
         N_F32=counts[0],
         N_BF16=counts[1],
         N_F16=counts[2],
-        OUT_CODE=DTYPE_CODE[outs[0].dtype],
+        OUT_CODE=DTYPE_CODE[out_dtype],
         SEARCH_STEPS=steps,
         ALIGNED=aligned,
         TILE=TILE,

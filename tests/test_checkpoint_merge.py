@@ -341,8 +341,12 @@ def test_argument_errors(tmp_path, single32):
     (no_weights / "pytorch_model.bin").write_bytes(b"\x80")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin.*never loaded"):
         merge_checkpoints([bbs[0], no_weights], out, preference=[0.5, 0.5], beta=0.7, **kw)
-    with pytest.raises(ValueError, match="one of the inputs"):
+    with pytest.raises(ValueError, match="is or contains the input"):
         merge_checkpoints(bbs[:2], bbs[1], preference=[0.5, 0.5], beta=0.7, force=True, **kw)
+    # --force into the directory that holds the inputs would delete them
+    with pytest.raises(ValueError, match="is or contains the input"):
+        merge_checkpoints(bbs[:2], bbs[0].parent, preference=[0.5, 0.5], beta=0.7, force=True, **kw)
+    assert all(b.is_dir() for b in bbs[:2])
     assert not out.exists()
 
 
@@ -545,3 +549,29 @@ def test_tiny_backbones_are_deterministic(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(not torch.equal(wa[k], ws[k]) for k in wa)  # every tensor perturbed
     assert (bb_a / "tokenizer.json").read_bytes() == (bb_b / "tokenizer.json").read_bytes()
+
+
+def test_truncated_shard_refused_before_writing(tmp_path):
+    sft, bbs = make_tiny_backbones(tmp_path / "in", 2, seed=5)
+    shard = bbs[1] / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match=r"truncated: key .* ends at byte"):
+        merge_checkpoints(bbs, tmp_path / "out", preference=[0.5, 0.5], beta=0.7, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "bonesoup-tmp" in p.name]
+
+
+def test_stale_temp_dir_of_reused_pid_is_cleaned(tmp_path):
+    """Same pid as a live process but another start time: the writer is dead."""
+    from bonesoup.checkpoint import _process_start
+
+    start = _process_start(os.getpid())
+    if start is None:
+        pytest.skip("no /proc here")
+    reused = tmp_path / f".out.bonesoup-tmp-{os.getpid()}.{start + 12345}-0badc0de"
+    mine = tmp_path / f".out.bonesoup-tmp-{os.getpid()}.{start}-00c0ffee"
+    reused.mkdir()
+    mine.mkdir()
+    removed = clean_stale_temp_dirs(tmp_path / "out")
+    assert removed == [reused] and mine.is_dir()

@@ -66,3 +66,18 @@ def test_demo_runs_on_the_embedded_default(tmp_path, capsys):
     assert worst < 1e-5
     report = json.loads((tmp_path / "demo" / "merged" / "bonesoup-merge.json").read_text())
     assert report["preference"] == [0.8, 0.2] and report["alpha"] == 0.1
+
+
+def test_demo_never_replaces_a_user_output_without_force(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc = main(["merge", "--workdir", str(tmp_path / "demo"), "--out", str(out), "--no-progress"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_demo_alpha_zero_is_zero(tmp_path, capsys):
+    assert main(["merge", "--workdir", str(tmp_path / "demo"), "--alpha", "0", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "demo" / "merged" / "bonesoup-merge.json").read_text())
+    assert report["alpha"] == 0.0

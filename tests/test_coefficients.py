@@ -126,3 +126,11 @@ def test_theorem1_interval_matters():
         for mu in (0.0, 1.0):
             rs, bs = _theorem1_scores([1.0, 2.0], [0.0, 1.0], beta, mu)
             assert rs == pytest.approx(0.0, abs=1e-12) and bs < rs
+
+
+def test_bone_coefficients_exact_inverse_within_the_sum_tolerance():
+    """mu may be off sum 1 by up to 1e-6; the coefficients are still exactly B^-1 mu."""
+    mu = [0.5 + 9e-7, 0.5]
+    for beta in (0.5001, 0.7):
+        np.testing.assert_allclose(bone_coefficients(mu, beta), np.linalg.solve(backbone_matrix(2, beta), mu),
+                                   rtol=0, atol=1e-9)

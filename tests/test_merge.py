@@ -324,3 +324,61 @@ def test_misaligned_views(backend):
         out = sk.merge(xs, [0.5, -1.5, 2.0], out=out_buf[1:])
         assert_merged(out, xs, [0.5, -1.5, 2.0])
         assert out_buf[0].isnan(), "wrote before the output view"
+
+
+def test_merge_many_refuses_overlap_across_groups(backend):
+    """Tied weights listed twice, or outputs that feed another group, would read half-merged values."""
+    w, o = torch.ones(4096), torch.full((4096,), 3.0)
+    with pytest.raises(ValueError, match=r"outs\[0\] and outs\[1\] overlap"):
+        sk.merge_many([[w, o], [w, o]], [0.5, 0.5], outs=[w, w])
+    a, b = torch.ones(100), torch.full((100,), 10.0)
+    with pytest.raises(ValueError, match=r"overlaps groups\[\d\]\[0\], an input of another parameter"):
+        sk.merge_many([[a], [b]], [2.0], outs=[b, a])
+    buf = torch.zeros(2000)
+    with pytest.raises(ValueError, match="overlap"):
+        sk.merge_many([[torch.ones(1500)], [torch.ones(1500)]], [1.0], outs=[buf[:1500], buf[500:]])
+    # in-place per group (each out is its own group's input) stays allowed
+    x, y, u, v = (torch.full((64,), float(i)) for i in (1, 2, 3, 4))
+    sk.merge_many([[x, y], [u, v]], [1.0, 1.0], outs=[x, u])
+    assert (x == 3).all() and (u == 7).all()
+    # ...and reading one input in two groups is fine too
+    outs = sk.merge_many([[y, v], [y, v]], [1.0, 1.0])
+    assert all((o == 6).all() for o in outs)
+
+
+def test_refuses_element_misaligned_and_negated_views():
+    raw = bytearray(4 * 1000 + 2)
+    odd = torch.frombuffer(raw, dtype=torch.float32, offset=2, count=1000)
+    with pytest.raises(ValueError, match="not a multiple of its element size"):
+        sk.merge([torch.ones(1000), torch.ones(1000)], [1.0, 2.0], out=odd)
+    neg = torch.tensor([1.0 + 2.0j]).conj().imag  # contiguous, lazy negation bit set
+    assert neg.is_neg()
+    with pytest.raises(ValueError, match="resolve_neg"):
+        sk.merge([neg], [1.0])
+    assert sk.merge([neg.resolve_neg()], [1.0]).item() == -2.0
+
+
+def test_in_place_merge_bumps_the_autograd_version(backend):
+    """A graph that saved the overwritten tensor must fail on backward, as with torch's own in-place ops."""
+    w = torch.randn(16, requires_grad=True)
+    y = w * 1.0
+    z = (y * y).sum()  # saves y
+    sk.merge([y.detach()], [3.0], out=y.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+
+
+def test_scalar_path_tails_round_like_the_body():
+    """An element's value must not depend on whether it falls in a vector block or the tail."""
+    if sk_backend._C is None:
+        pytest.skip("C++ extension not built")
+    for level in _simd_levels():
+        prev = sk_backend._C.simd()
+        sk_backend._C.set_simd(level)
+        try:
+            n = 1000  # blocks of 64 (128 for AVX-512) plus a tail
+            x0, x1 = torch.ones(n), torch.full((n,), 1 + 2**-12)
+            out = sk.merge([x0, x1], [-1.0, 1 + 2**-12])
+            assert torch.unique(out).numel() == 1, f"{level}: {torch.unique(out)}"
+        finally:
+            sk_backend._C.set_simd(prev)
