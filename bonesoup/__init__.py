@@ -1,7 +1,8 @@
 """bonesoup: the Bone Soup / MAGE method on top of soupkernels.
 
 Knows models, checkpoints and preferences: merge coefficients, checkpoint
-I/O, the offline merge and the command line (``bonesoup --help``).
+I/O, the offline merge, live re-merge inside a serving process (LiveSoup)
+and the command line (``bonesoup --help``).
 """
 
 from bonesoup.coefficients import (
@@ -11,6 +12,7 @@ from bonesoup.coefficients import (
     rewarded_soup_coefficients,
     validate_preference,
 )
+from bonesoup.live import LiveSoup, RemergeInfo
 from bonesoup.offline_merge import merge_checkpoints
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "fold_extrapolation",
     "validate_preference",
     "merge_checkpoints",
+    "LiveSoup",
+    "RemergeInfo",
 ]
