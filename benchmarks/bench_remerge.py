@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import torch
@@ -66,6 +67,32 @@ class ShapedModel(torch.nn.Module):
         )
 
 
+class LazyRandomState(Mapping):
+    """A state dict whose tensors are generated on demand (seeded per key).
+
+    LiveSoup copies each source tensor into its arena once, so a 7B model's
+    backbones never need to exist as whole state dicts next to the arenas
+    (5 x 13.5 GB would not fit twice in 80 GB).
+    """
+
+    def __init__(self, shapes: dict, dtype, device, seed: int, base: "LazyRandomState | None" = None):
+        self.shapes, self.dtype, self.device, self.seed, self.base = shapes, dtype, device, seed, base
+
+    def __getitem__(self, key):
+        i = list(self.shapes).index(key)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + i)
+        x = torch.randn(self.shapes[key], generator=gen, device=self.device)
+        if self.base is not None:  # a backbone: the SFT weights plus a small delta
+            x = self.base[key].float() + 0.01 * x
+        return x.to(self.dtype)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
 def _t(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -84,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-naive", action="store_true", help="skip the state-dict loop (it needs 2+ more model copies)")
+    ap.add_argument("--lazy", action="store_true",
+                    help="generate backbones on demand instead of holding state dicts (implies --no-naive; "
+                    "default for llama shapes on CUDA, where resident state dicts would not fit)")
     ap.add_argument("--quick", action="store_true", help="--shape tiny --repeats 3")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -95,10 +125,18 @@ def main(argv=None) -> int:
 
     print(f"[bench] building {args.shape} ({args.dtype}) with {args.n} backbones + SFT on {device} ...",
           file=sys.stderr, flush=True)
+    if device.startswith("cuda") and args.shape.startswith("llama"):
+        args.lazy = True
+    if args.lazy:
+        args.no_naive = True
     model = ShapedModel(shapes, dtype, device, gen)
-    sft = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    backbones = [{k: v + (0.01 * torch.randn(v.shape, generator=gen, device=device)).to(dtype) for k, v in sft.items()}
-                 for _ in range(args.n)]
+    if args.lazy:
+        sft = LazyRandomState({k: tuple(v.shape) for k, v in model.state_dict().items()}, dtype, device, seed=1)
+        backbones = [LazyRandomState(sft.shapes, dtype, device, seed=2 + j, base=sft) for j in range(args.n)]
+    else:
+        sft = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        backbones = [{k: v + (0.01 * torch.randn(v.shape, generator=gen, device=device)).to(dtype)
+                      for k, v in sft.items()} for _ in range(args.n)]
     soup = LiveSoup(model, backbones, beta=0.7, sft=sft, device=device)
     params = sum(p.numel() for p in model.parameters())
     prefs = [[1.0] + [0.0] * (args.n - 1), [1.0 / args.n] * args.n, [0.0] * (args.n - 1) + [1.0]]
@@ -106,8 +144,11 @@ def main(argv=None) -> int:
     coeffs = soup.coefficients(prefs[1], 0.1)
     arenas = soup._arenas  # the bare kernel runs on exactly the bytes set_preference moves
     nbytes = soup.param_bytes * (len(coeffs) + 1)
-    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).normal_(generator=gen)
+    # copy of the same bytes: half read, half written (capped at 8 GiB a side on small GPUs)
+    half = min(nbytes // 2, 8 << 30) if device.startswith("cuda") else nbytes // 2
+    src = torch.empty(half // 4, dtype=torch.float32, device=device).normal_(generator=gen)
     dst = torch.empty_like(src)
+    copy_bytes = 2 * src.numel() * 4
 
     def naive():
         merged = {k: sum(c * sd[k] for c, sd in zip(coeffs, backbones + [sft])) for k in sft}
@@ -119,7 +160,7 @@ def main(argv=None) -> int:
             "set_preference": _t(lambda: soup.set_preference(prefs[i % 3], alpha=0.1), device),
             "bare_kernel": _t(lambda: [sk.merge(list(a.inputs.unbind(0)), coeffs, out=a.live) for a in arenas],
                               device),
-            "copy": _t(lambda: dst.copy_(src), device),
+            "copy": _t(lambda: dst.copy_(src), device) * nbytes / copy_bytes,  # scaled to the same bytes
         }
         if not args.no_naive:
             s["state_dict_loop"] = _t(naive, device)
