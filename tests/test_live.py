@@ -150,3 +150,16 @@ def test_readers_never_see_a_mix(tiny):
         t.join()
     assert not errors, errors[:3]
     assert merges > 10 and len(seen) > 30 and len(set(seen)) > 3
+
+
+@pytest.mark.gpu
+def test_cuda_live_soup_matches_cpu(tiny):
+    _, sft, bbs = tiny
+    cpu, gpu = _load(sft), _load(sft).cuda()
+    LiveSoup(cpu, bbs, beta=0.7, sft=sft).set_preference([0.7, 0.3], alpha=0.2)
+    soup = LiveSoup(gpu, bbs, beta=0.7, sft=sft)
+    assert soup.device.type == "cuda"
+    info = soup.set_preference([0.7, 0.3], alpha=0.2)
+    assert info.launches == 1
+    for name, w in cpu.state_dict().items():
+        torch.testing.assert_close(gpu.state_dict()[name].cpu(), w, rtol=1e-6, atol=1e-6)
