@@ -3,6 +3,7 @@
     bonesoup merge B1 B2 ... --out DIR --preference 0.3 0.7 --beta 0.7 [--alpha A --sft DIR]
     bonesoup merge            # embedded default: tiny checkpoints made in code
     bonesoup bench merge --quick
+    bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
 
 Errors in the user's input print one line naming what was wrong and exit 2.
 """
@@ -116,7 +117,8 @@ def _demo(args) -> int:
     return 0
 
 
-_BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py"}
+_BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py", "remerge": "bench_remerge.py",
+            "serve": "bench_serve_load.py"}
 
 
 def _add_bench(sub) -> None:
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_bench(sub)
+    from bonesoup.serve import add_serve_parser  # needs fastapi/uvicorn only when it runs
+
+    add_serve_parser(sub)
     return parser
 
 
