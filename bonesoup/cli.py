@@ -111,8 +111,10 @@ def _demo(args) -> int:
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         gen = merged.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"[demo] greedy continuation of {prompt!r} (random tiny weights, so gibberish): "
-          f"{tok.decode(gen[0][ids['input_ids'].shape[1]:])!r}")
+    new_ids = gen[0][ids["input_ids"].shape[1]:].tolist()
+    # Random tiny weights: the tokens are arbitrary and may be partial UTF-8 bytes, so show the ids too.
+    print(f"[demo] greedy continuation of {prompt!r} (random tiny weights, so gibberish): token ids {new_ids}, "
+          f"text {tok.decode(new_ids, errors='replace')!r}")
     print(f"[demo] report: {out / 'bonesoup-merge.json'}")
     return 0
 
