@@ -9,6 +9,7 @@ from bonesoup.coefficients import (
     backbone_matrix,
     bone_coefficients,
     fold_extrapolation,
+    merge_coefficients,
     rewarded_soup_coefficients,
     validate_preference,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "bone_coefficients",
     "rewarded_soup_coefficients",
     "fold_extrapolation",
+    "merge_coefficients",
     "validate_preference",
     "merge_checkpoints",
     "LiveSoup",

@@ -71,7 +71,7 @@ def _demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import soupkernels as sk
-    from bonesoup.coefficients import bone_coefficients, fold_extrapolation, rewarded_soup_coefficients
+    from bonesoup.coefficients import merge_coefficients, rewarded_soup_coefficients
     from bonesoup.offline_merge import merge_checkpoints
     from bonesoup.tiny_models import make_tiny_backbones
 
@@ -85,8 +85,8 @@ def _demo(args) -> int:
     sft, backbones = make_tiny_backbones(work / f"inputs-n{n}", n, seed=0, shard_size="200KB")
     out = args.out or work / "merged"
     force = args.force or args.out is None  # the demo's own default output is always rebuilt
-    lam = bone_coefficients(pref, beta) if args.method == "bone" else rewarded_soup_coefficients(pref)
-    c, c_sft = fold_extrapolation(lam, alpha)
+    lam, _ = merge_coefficients(pref, method=args.method, beta=beta)
+    c, c_sft = merge_coefficients(pref, method=args.method, beta=beta, alpha=alpha)
     print(f"[demo] preference mu = {pref}, beta = {beta}, alpha = {alpha}, method = {args.method}")
     print(f"[demo] Rewarded Soup coefficients: {rewarded_soup_coefficients(pref).round(4).tolist()}")
     print(f"[demo] {args.method} coefficients lambda: {lam.round(4).tolist()} -> folded: backbones "

@@ -28,6 +28,7 @@ __all__ = [
     "bone_coefficients",
     "rewarded_soup_coefficients",
     "fold_extrapolation",
+    "merge_coefficients",
 ]
 
 #: |sum(mu) - 1| allowed before a preference is refused (we never renormalise).
@@ -109,8 +110,11 @@ def bone_coefficients(mu: Sequence[float], beta: float) -> np.ndarray:
     >>> bone_coefficients([1.0, 0.0], beta=0.7).round(6).tolist()
     [1.75, -0.75]
     """
-    beta = validate_beta(beta)
-    arr = validate_preference(mu)
+    return _bone(validate_preference(mu), validate_beta(beta))
+
+
+def _bone(arr: np.ndarray, beta: float) -> np.ndarray:
+    """B^-1 mu for a validated preference and beta."""
     n = _validate_n(arr.size)
     g = (1.0 - beta) / (n - 1)
     return (arr - g * arr.sum()) / (beta - g)
@@ -142,3 +146,32 @@ def fold_extrapolation(lambdas: Sequence[float], alpha: float) -> tuple[np.ndarr
     if not math.isfinite(a):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     return (1.0 + a) * lam, -a
+
+
+def merge_coefficients(
+    preference: Sequence[float],
+    *,
+    method: str = "bone",
+    beta: float | None = None,
+    alpha: float = 0.0,
+    n: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """Preference -> the coefficients of one merge, validating everything once.
+
+    ``method="bone"``: lambda = B^-1 mu (``beta`` required); ``"rewarded"``:
+    lambda = mu. Extrapolation is folded in, so this returns
+    ``(backbone coefficients [n] float64, SFT coefficient)``; the SFT
+    coefficient is ``-alpha`` (0 without extrapolation). ``n``, if given, is
+    the number of backbones the preference must match.
+    """
+    if method not in ("bone", "rewarded"):
+        raise ValueError(f"method must be 'bone' or 'rewarded', got {method!r}")
+    mu = validate_preference(preference, n)
+    if method == "bone":
+        if beta is None:
+            raise ValueError("beta is required for method='bone'")
+        lam = _bone(mu, validate_beta(beta))
+    else:
+        _validate_n(mu.size)
+        lam = mu
+    return fold_extrapolation(lam, alpha)

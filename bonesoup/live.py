@@ -33,13 +33,7 @@ import torch
 import soupkernels as sk
 
 from .checkpoint import MERGEABLE_DTYPES, CheckpointDir
-from .coefficients import (
-    bone_coefficients,
-    fold_extrapolation,
-    rewarded_soup_coefficients,
-    validate_beta,
-    validate_preference,
-)
+from .coefficients import merge_coefficients, validate_beta
 
 __all__ = ["LiveSoup", "RemergeInfo"]
 
@@ -301,9 +295,7 @@ class LiveSoup:
 
     def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
         """Coefficients of the stored rows (backbones, then SFT) for ``preference`` and ``alpha``."""
-        mu = validate_preference(preference, self.n)
-        lam = bone_coefficients(mu, self.beta) if self.method == "bone" else rewarded_soup_coefficients(mu)
-        c, c_sft = fold_extrapolation(lam, alpha)
+        c, c_sft = merge_coefficients(preference, method=self.method, beta=self.beta, alpha=alpha, n=self.n)
         coeffs = [float(x) for x in c]
         if self._has_sft:
             # delta rows: sum_j c_j (d_j + s) + c_sft s = sum_j c_j d_j + (sum_j c_j + c_sft) s

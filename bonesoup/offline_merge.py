@@ -42,7 +42,7 @@ from .checkpoint import (
     validate_compatible,
     write_index,
 )
-from .coefficients import bone_coefficients, fold_extrapolation, rewarded_soup_coefficients
+from .coefficients import merge_coefficients
 
 __all__ = ["MERGE_BATCH_BYTES", "merge_checkpoints"]
 
@@ -157,13 +157,7 @@ def merge_checkpoints(
     if len(backbones) != len(pref):
         raise ValueError(f"preference has {len(pref)} entries but {len(backbones)} backbones were given; "
                          "they must match (one weight per backbone)")
-    if method == "bone":
-        if beta is None:
-            raise ValueError("beta is required for method='bone'")
-        lambdas = bone_coefficients(pref, beta)
-    else:
-        lambdas = rewarded_soup_coefficients(pref)
-    coeffs, sft_coeff = fold_extrapolation(lambdas, alpha)
+    coeffs, sft_coeff = merge_coefficients(pref, method=method, beta=beta, alpha=alpha)
     if sft_coeff != 0.0 and sft is None:
         raise ValueError(f"alpha={alpha!r} extrapolates away from the SFT model, so sft (its checkpoint "
                          "directory) is required")

@@ -6,25 +6,14 @@ bf16 rounding, the merged checkpoint loads with transformers, and the crash
 check (SIGKILL mid-write, then a clean re-run) passed.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_checkpoint_merge.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_checkpoint_merge", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.slow
-def test_bench_checkpoint_merge_tiny(tmp_path, capsys):
-    bench = _load_bench()
+def test_bench_checkpoint_merge_tiny(tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("bench_checkpoint_merge")
     out_json = tmp_path / "result.json"
     rc = bench.main(["--preset", "tiny", "--workdir", str(tmp_path / "work"), "--repeats", "1",
                      "--no-import-floor", "--json", str(out_json)])

@@ -134,3 +134,20 @@ def test_bone_coefficients_exact_inverse_within_the_sum_tolerance():
     for beta in (0.5001, 0.7):
         np.testing.assert_allclose(bone_coefficients(mu, beta), np.linalg.solve(backbone_matrix(2, beta), mu),
                                    rtol=0, atol=1e-9)
+
+
+def test_merge_coefficients_is_the_chain():
+    from bonesoup import merge_coefficients
+
+    c, s = merge_coefficients([1.0, 0.0], method="bone", beta=0.7, alpha=0.2)
+    np.testing.assert_allclose(c, [2.1, -0.9])
+    assert s == pytest.approx(-0.2)
+    c, s = merge_coefficients([0.25, 0.75], method="rewarded")
+    np.testing.assert_allclose(c, [0.25, 0.75])
+    assert s == 0.0
+    with pytest.raises(ValueError, match="beta is required"):
+        merge_coefficients([0.5, 0.5])
+    with pytest.raises(ValueError, match="must have 3 entries"):
+        merge_coefficients([0.5, 0.5], beta=0.7, n=3)
+    with pytest.raises(ValueError, match="method must be"):
+        merge_coefficients([0.5, 0.5], method="ties")

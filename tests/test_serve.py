@@ -480,14 +480,8 @@ def test_cli_parser_and_embedded_default(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the benchmark script
 
 
-def test_bench_serve_load_quick(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve_load.py"
-    spec = importlib.util.spec_from_file_location("bench_serve_load", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_serve_load_quick(tmp_path, capsys, load_benchmark):
+    mod = load_benchmark("bench_serve_load")
     out = tmp_path / "r.json"
     rc = mod.main(["--quick", "--duration", "1.0", "--concurrency", "3", "--remerge-every", "0.3",
                    "--prompt", "Hi", "--prompt", "The user asks", "--workdir", str(tmp_path / "w"),
