@@ -24,7 +24,7 @@ if sys.platform == "darwin":  # Apple clang: OpenMP from libomp, if installed
 ext_modules = [
     Pybind11Extension(
         "soupkernels._C",
-        sources=["csrc/merge.cpp", "csrc/bindings.cpp"],
+        sources=["csrc/merge.cpp", "csrc/sample.cpp", "csrc/bindings.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=extra_compile,

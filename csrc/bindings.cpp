@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "merge.h"
+#include "sample.h"
 
 namespace py = pybind11;
 using namespace soupkernels;
@@ -38,6 +39,43 @@ void merge_many_py(const std::vector<uintptr_t>& out_ptrs, int out_dtype,
   merge_many(a, num_threads);
 }
 
+SampleArgs sample_args(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                       const std::vector<int64_t>& row_strides, int64_t B, int64_t V, uintptr_t coeffs,
+                       uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
+                       uintptr_t offset, uintptr_t tokens, uintptr_t logprobs, std::vector<const void*>& ins) {
+  const size_t M = in_ptrs.size();
+  if (in_dtypes.size() != M || row_strides.size() != M)
+    throw std::invalid_argument("in_ptrs, in_dtypes and row_strides differ in length");
+  ins.resize(M);
+  for (size_t m = 0; m < M; ++m) ins[m] = reinterpret_cast<const void*>(in_ptrs[m]);
+  return SampleArgs{ins.data(), in_dtypes.data(), row_strides.data(), static_cast<int>(M), B, V,
+                    reinterpret_cast<const float*>(coeffs), reinterpret_cast<const float*>(temperature),
+                    reinterpret_cast<const int64_t*>(top_k), reinterpret_cast<const float*>(top_p),
+                    reinterpret_cast<const float*>(min_p), reinterpret_cast<const int64_t*>(seed),
+                    reinterpret_cast<const int64_t*>(offset), reinterpret_cast<int64_t*>(tokens),
+                    reinterpret_cast<float*>(logprobs)};
+}
+
+void guided_sample_py(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                      const std::vector<int64_t>& row_strides, int64_t B, int64_t V, uintptr_t coeffs,
+                      uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
+                      uintptr_t offset, uintptr_t tokens, uintptr_t logprobs, int num_threads) {
+  std::vector<const void*> ins;
+  SampleArgs a = sample_args(in_ptrs, in_dtypes, row_strides, B, V, coeffs, temperature, top_k, top_p, min_p,
+                             seed, offset, tokens, logprobs, ins);
+  py::gil_scoped_release release;
+  guided_sample(a, num_threads);
+}
+
+void guided_logits_py(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                      const std::vector<int64_t>& row_strides, int64_t B, int64_t V, uintptr_t coeffs,
+                      uintptr_t out, int num_threads) {
+  std::vector<const void*> ins;
+  SampleArgs a = sample_args(in_ptrs, in_dtypes, row_strides, B, V, coeffs, 0, 0, 0, 0, 0, 0, 0, 0, ins);
+  py::gil_scoped_release release;
+  guided_logits(a, reinterpret_cast<float*>(out), num_threads);
+}
+
 Simd parse_simd(const std::string& name) {
   if (name == "scalar") return Simd::kScalar;
   if (name == "avx2") return Simd::kAVX2;
@@ -54,6 +92,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0,
         "out[t] = sum_k coeffs[k] * in[t*n + k] over T tensors of one dtype signature.\n"
         "Pointers are addresses of contiguous buffers; dtype codes 0=f32, 1=bf16, 2=f16.");
+  m.def("guided_sample", &guided_sample_py, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("row_strides"),
+        py::arg("B"), py::arg("V"), py::arg("coeffs"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("min_p"), py::arg("seed"), py::arg("offset"), py::arg("tokens"), py::arg("logprobs"),
+        py::arg("num_threads") = 0,
+        "One token per row from sum_m coeffs[b, m] * in_m[b] under temperature / top-k / top-p / min-p.\n"
+        "Addresses of contiguous per-row buffers: coeffs f32 [B*M], temperature/top_p/min_p f32 [B],\n"
+        "top_k/seed/offset/tokens i64 [B], logprobs f32 [B] or 0.");
+  m.def("guided_logits", &guided_logits_py, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("row_strides"),
+        py::arg("B"), py::arg("V"), py::arg("coeffs"), py::arg("out"), py::arg("num_threads") = 0,
+        "out[b, :] = sum_m coeffs[b, m] * in_m[b, :] in fp32 (out contiguous [B, V]).");
   m.def("best_simd", [] { return std::string(simd_name(best_simd())); },
         "Widest SIMD path this CPU supports: 'avx512', 'avx2' or 'scalar'.");
   m.def("simd", [] { return std::string(simd_name(active_simd())); }, "SIMD path the kernels use now.");

@@ -1,0 +1,283 @@
+"""Guided sampling: combine M models' next-token logits and draw, in one op.
+
+``guided_sample`` is the fused path (C++ on CPU tensors, Triton on CUDA
+tensors, torch reference anywhere; see :func:`soupkernels.backend_for`);
+``guided_logits`` is the combination alone. Semantics (normative, DESIGN.md):
+for row b, z = sum_m c[b, m] * logits[m][b] in fp32; then temperature (z / T;
+T == 0 is greedy argmax, lowest index on ties), top-k, top-p, min-p as
+transformers' warpers apply them, renormalise, draw one token with a Philox
+uniform keyed by (seed, offset) of that row. See
+:mod:`soupkernels.sampling_reference` for the rule in code.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from soupkernels import backend as _backend
+from soupkernels._dtypes import DTYPE_CODE
+
+__all__ = ["guided_sample", "guided_logits", "MAX_INPUTS"]
+
+#: Most logit tensors one call combines (the kernels unroll over them).
+MAX_INPUTS = 16
+
+
+def _inputs(logits) -> list[torch.Tensor]:
+    """M tensors [B, V] from a [M, B, V] tensor or a sequence of [B, V] tensors."""
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() != 3:
+            raise ValueError(
+                f"logits must be a [M, B, V] tensor or a list of M [B, V] tensors, got a tensor of shape "
+                f"{tuple(logits.shape)} (for one model pass [logits] or logits[None])"
+            )
+        xs = list(logits.unbind(0))
+    elif isinstance(logits, (list, tuple)):
+        xs = list(logits)
+    else:
+        raise TypeError(f"logits must be a tensor or a list of tensors, got {type(logits).__name__}")
+    if not xs:
+        raise ValueError("logits is empty: need at least one [B, V] tensor")
+    if len(xs) > MAX_INPUTS:
+        raise ValueError(f"logits holds {len(xs)} tensors; at most {MAX_INPUTS} are combined in one call")
+    first = xs[0]
+    for m, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"logits[{m}] must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"logits[{m}] has dtype {x.dtype}; logits must be floating point")
+        if x.dim() != 2:
+            raise ValueError(f"logits[{m}] has shape {tuple(x.shape)}; expected [B, V]")
+        if x.shape != first.shape:
+            raise ValueError(f"logits[{m}] has shape {tuple(x.shape)} but logits[0] has {tuple(first.shape)}")
+        if x.device != first.device:
+            raise ValueError(f"logits[{m}] is on {x.device} but logits[0] is on {first.device}")
+    if first.shape[1] < 1:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    # The kernels read rows of unit stride in fp32/bf16/fp16; anything else is
+    # converted once here (float64 inputs: the accumulation is fp32 anyway).
+    out = []
+    for x in xs:
+        if x.dtype not in DTYPE_CODE:
+            x = x.float()
+        if x.stride(1) != 1 or x.data_ptr() % x.element_size():
+            x = x.contiguous()
+        out.append(x)
+    return out
+
+
+def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
+    """coeffs [M] or [B, M] (sequence or tensor) -> contiguous fp32 [B, M] on ``device``."""
+    c = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs.float()
+    if c.dim() == 1:
+        if c.numel() != M:
+            raise ValueError(f"coeffs has {c.numel()} entries but logits holds M = {M} tensors")
+        c = c.expand(B, M)
+    elif c.dim() == 2:
+        if tuple(c.shape) != (B, M):
+            raise ValueError(f"coeffs has shape {tuple(c.shape)}; expected [M] = [{M}] or [B, M] = [{B}, {M}]")
+    else:
+        raise ValueError(f"coeffs must be [M] or [B, M], got shape {tuple(c.shape)}")
+    c = c.to(device).contiguous()
+    if c.device.type == "cpu" and not torch.isfinite(c).all():
+        bad = torch.nonzero(~torch.isfinite(c))[0].tolist()
+        raise ValueError(f"coeffs must be finite; coeffs at {bad} is {c[tuple(bad)].item()}")
+    return c
+
+
+def _per_row(value, B: int, name: str, dtype: torch.dtype, device: torch.device, check) -> torch.Tensor:
+    """A scalar or a [B] sequence/tensor -> contiguous [B] ``dtype`` on ``device``, validated by ``check``."""
+    if isinstance(value, torch.Tensor):
+        t = value
+        if t.dim() == 0:
+            t = t.reshape(1).expand(B)
+        elif t.dim() != 1 or t.numel() != B:
+            raise ValueError(f"{name} must be a scalar or have shape [B] = [{B}], got {tuple(t.shape)}")
+        if dtype != torch.float32 and t.is_floating_point():
+            raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    elif isinstance(value, numbers.Number):
+        if dtype != torch.float32 and not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        t = torch.full((B,), value, dtype=dtype)
+    elif isinstance(value, Sequence):
+        if len(value) != B:
+            raise ValueError(f"{name} has {len(value)} entries; expected one per row (B = {B})")
+        if dtype != torch.float32 and not all(isinstance(v, numbers.Integral) for v in value):
+            raise TypeError(f"{name} must hold integers, got {list(value)!r}")
+        t = torch.tensor(list(value), dtype=torch.float64 if dtype == torch.float32 else dtype)
+    else:
+        raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}")
+    if t.device.type == "cpu":  # values on a GPU are checked only by the kernel's own guards
+        bad = ~check(t)
+        if bad.any():
+            row = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"{name}[{row}] = {t[row].item()!r} is out of range ({check.__doc__})")
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _temperature_ok(t):
+    """finite and >= 0; 0 means greedy"""
+    return torch.isfinite(t) & (t >= 0)
+
+
+def _top_k_ok(t):
+    """an integer >= 0; 0 means off"""
+    return t >= 0
+
+
+def _top_p_ok(t):
+    """in (0, 1]; 1 means off"""
+    return (t > 0) & (t <= 1)
+
+
+def _min_p_ok(t):
+    """in [0, 1]; 0 means off"""
+    return (t >= 0) & (t <= 1)
+
+
+def _any_int(t):
+    """any 64-bit integer"""
+    return torch.ones_like(t, dtype=torch.bool)
+
+
+def _offset_ok(t):
+    """an integer >= 0"""
+    return t >= 0
+
+
+def guided_logits(logits, coeffs) -> torch.Tensor:
+    """Combined logits ``z[b] = sum_m coeffs[b, m] * logits[m][b]`` in fp32.
+
+    Parameters
+    ----------
+    logits : Tensor [M, B, V] or sequence of M Tensors [B, V]
+        fp32, bf16 or fp16 (others are converted to fp32); dtypes may differ
+        between the M inputs; rows may be strided.
+    coeffs : sequence or Tensor, [M] or [B, M]
+        One coefficient per model, shared by all rows or per row.
+
+    Returns
+    -------
+    Tensor [B, V], float32, on the logits' device.
+    """
+    xs = _inputs(logits)
+    B, V = xs[0].shape
+    dev = xs[0].device
+    c = _coeff_rows(coeffs, B, len(xs), dev)
+    out = torch.empty((B, V), dtype=torch.float32, device=dev)
+    if B == 0:
+        return out
+    which = _backend.backend_for(xs[0])
+    if which == "cpp":
+        from soupkernels.cpp_sampling import guided_logits_cpp
+
+        guided_logits_cpp(xs, c, out)
+    elif which == "triton":
+        from soupkernels.triton_sampling import guided_logits_triton
+
+        guided_logits_triton(xs, c, out)
+    else:
+        from soupkernels.sampling_reference import guided_logits_reference
+
+        out.copy_(guided_logits_reference(xs, c))
+    return out
+
+
+def guided_sample(
+    logits,
+    coeffs,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed=None,
+    offset=0,
+    return_logprobs: bool = False,
+    check: bool | None = None,
+):
+    """Sample one token per row from the combination of M models' logits.
+
+    For row b: z = sum_m coeffs[b, m] * logits[m][b] (fp32), then
+    temperature, top-k, top-p, min-p in transformers' order and rules,
+    renormalise, draw by inverse CDF with the Philox uniform of
+    (seed[b], offset[b]) (Triton's ``tl.rand``). A row's token depends only
+    on its own logits and parameters, never on the other rows.
+
+    Parameters
+    ----------
+    logits : Tensor [M, B, V] or sequence of M Tensors [B, V]
+        Any float dtype (fp32/bf16/fp16 read directly, mixed allowed).
+    coeffs : [M] or [B, M]
+        Weights of the M models, shared or per row; negative allowed.
+    temperature : float or [B]
+        >= 0; 0 = greedy (argmax, lowest index on ties; log-prob 0).
+    top_k : int or [B]
+        Keep the k largest (ties at the k-th value kept); 0 = off.
+    top_p : float or [B]
+        In (0, 1]: keep the smallest top set whose mass reaches p; 1 = off.
+    min_p : float or [B]
+        In [0, 1]: keep tokens with p >= min_p * p_max; 0 = off.
+    seed : int or [B] int64, optional
+        Philox key per row. A scalar is shared by all rows (rows with equal
+        logits then draw equal tokens; pass per-row seeds or offsets for
+        independent rows). None draws B seeds from torch's global generator.
+    offset : int or [B] int64
+        Philox counter per row (e.g. the decoding step), >= 0.
+    return_logprobs : bool
+        Also return the log-probability of each chosen token under the final
+        filtered, renormalised distribution (fp32 [B]).
+    check : bool, optional
+        Raise ValueError naming the rows whose combined logits hold a NaN or
+        +inf or are all -inf (they get token -1 and log-prob NaN otherwise).
+        Default: on for CPU tensors, off on GPU (checking costs a sync).
+
+    Returns
+    -------
+    tokens : Tensor [B] int64 (and logprobs : Tensor [B] float32)
+    """
+    xs = _inputs(logits)
+    B, V = xs[0].shape
+    dev = xs[0].device
+    c = _coeff_rows(coeffs, B, len(xs), dev)
+    temp = _per_row(temperature, B, "temperature", torch.float32, dev, _temperature_ok)
+    tk = _per_row(top_k, B, "top_k", torch.int64, dev, _top_k_ok)
+    tp = _per_row(top_p, B, "top_p", torch.float32, dev, _top_p_ok)
+    mp = _per_row(min_p, B, "min_p", torch.float32, dev, _min_p_ok)
+    if seed is None:
+        seed = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64)
+    sd = _per_row(seed, B, "seed", torch.int64, dev, _any_int)
+    off = _per_row(offset, B, "offset", torch.int64, dev, _offset_ok)
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(B, dtype=torch.float32, device=dev)
+    if B:
+        which = _backend.backend_for(xs[0])
+        if which == "cpp":
+            from soupkernels.cpp_sampling import guided_sample_cpp
+
+            guided_sample_cpp(xs, c, temp, tk, tp, mp, sd, off, tokens, logprobs if return_logprobs else None)
+        elif which == "triton":
+            from soupkernels.triton_sampling import guided_sample_triton
+
+            guided_sample_triton(xs, c, temp, tk, tp, mp, sd, off, tokens, logprobs)
+        else:
+            from soupkernels.sampling_reference import guided_sample_reference
+
+            tok, lp = guided_sample_reference([x.cpu() for x in xs], c.cpu(), temp.cpu(), tk.cpu(), tp.cpu(),
+                                              mp.cpu(), sd.cpu(), off.cpu())
+            tokens.copy_(tok)
+            logprobs.copy_(lp)
+    if check is None:
+        check = dev.type == "cpu"
+    if check and B:
+        bad = torch.nonzero(tokens < 0).flatten().tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            raise ValueError(
+                f"rows {shown} of the combined logits hold a NaN or +inf or are all -inf; "
+                "no token can be drawn (pass check=False to get token -1 for them instead)"
+            )
+    return (tokens, logprobs) if return_logprobs else tokens
