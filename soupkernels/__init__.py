@@ -8,7 +8,14 @@ C++ extension ``soupkernels._C`` (CPU tensors) or plain torch; see
 from soupkernels.backend import BACKENDS, backend_for, cpu_info
 from soupkernels.merge import merge, merge_many
 from soupkernels.reference import merge_reference
+from soupkernels.sampling import guided_logits, guided_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "merge_many", "merge_reference", "backend_for", "cpu_info", "BACKENDS", "__version__"]
+__all__ = [
+    "merge",
+    "merge_many",
+    "merge_reference",
+    "guided_sample",
+    "guided_logits",
+    "backend_for", "cpu_info", "BACKENDS", "__version__"]
