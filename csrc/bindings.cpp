@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "merge.h"
+#include "philox.h"
 #include "sample.h"
 
 namespace py = pybind11;
@@ -102,6 +103,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("guided_logits", &guided_logits_py, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("row_strides"),
         py::arg("B"), py::arg("V"), py::arg("coeffs"), py::arg("out"), py::arg("num_threads") = 0,
         "out[b, :] = sum_m coeffs[b, m] * in_m[b, :] in fp32 (out contiguous [B, V]).");
+  m.def("philox_uniform", [](int64_t seed, int64_t offset) { return philox_uniform(uint64_t(seed), uint64_t(offset)); },
+        py::arg("seed"), py::arg("offset"), "The sampler's uniform for (seed, offset): Triton's tl.rand, bit for bit.");
   m.def("best_simd", [] { return std::string(simd_name(best_simd())); },
         "Widest SIMD path this CPU supports: 'avx512', 'avx2' or 'scalar'.");
   m.def("simd", [] { return std::string(simd_name(active_simd())); }, "SIMD path the kernels use now.");
