@@ -120,7 +120,7 @@ def _demo(args) -> int:
 
 
 _BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py", "remerge": "bench_remerge.py",
-            "serve": "bench_serve_load.py"}
+            "serve": "bench_serve_load.py", "sampling": "bench_sampling.py"}
 
 
 def _add_bench(sub) -> None:
