@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <stdexcept>
 #include <vector>
 
@@ -72,6 +73,8 @@ int threads_for(int64_t rows, int num_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows)));
 }
 
+constexpr int64_t kSampleChunk = isa_scalar::kChunk;
+
 template <class Fn>
 void for_rows(int64_t B, int num_threads, Fn&& fn) {
   const int nt = threads_for(B, num_threads);
@@ -79,23 +82,54 @@ void for_rows(int64_t B, int num_threads, Fn&& fn) {
   for (int64_t b = 0; b < B; ++b) fn(b);
 }
 
+
+template <class State, class RowFn>
+void run_rows(const SampleArgs& a, int num_threads, RowFn&& row) {
+  const int max_threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int64_t nc = (a.V + kSampleChunk - 1) / kSampleChunk;
+  if (a.B >= max_threads || nc < 2 || max_threads < 2) {
+    // Enough rows: one thread per row. Scratch rows live as long as the
+    // (pooled) OpenMP thread: no page faults on fresh buffers at every call.
+    const int nt = threads_for(a.B, max_threads);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t b = 0; b < a.B; ++b) {
+      static thread_local State st;
+      st.reserve(a.V, 1);
+      row(b, st, 0, 1, [] {});
+    }
+    return;
+  }
+  // Fewer rows than threads: the whole team works on one row at a time,
+  // chunk by chunk (rows of a large vocabulary at batch 1 are latency-bound).
+  const int nt = static_cast<int>(std::min<int64_t>(max_threads, nc));
+  static State shared_state;  // one team at a time: guarded below
+  static std::mutex team_mutex;
+  std::lock_guard<std::mutex> lock(team_mutex);
+  shared_state.reserve(a.V, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    const int team = omp_get_num_threads();
+    for (int64_t b = 0; b < a.B; ++b) row(b, shared_state, tid, team, [] {
+#pragma omp barrier
+    });
+  }
+}
+
 }  // namespace
 
 void guided_sample(const SampleArgs& a, int num_threads) {
   check_args(a);
-  const bool avx2 = use_avx2();
-  for_rows(a.B, num_threads, [&](int64_t b) {
-    // Scratch rows live as long as the (pooled) OpenMP thread: no page
-    // faults on a fresh 2 x V buffer at every call.
 #if SOUPKERNELS_X86
-    if (avx2) {
-      static thread_local isa_avx2::Scratch sc;
-      isa_avx2::sample_row(a, b, sc);
-      return;
-    }
+  if (use_avx2()) {
+    run_rows<isa_avx2::RowState>(a, num_threads, [&](int64_t b, isa_avx2::RowState& st, int tid, int nt, auto sync) {
+      isa_avx2::sample_row_team(a, b, st, tid, nt, sync);
+    });
+    return;
+  }
 #endif
-    static thread_local isa_scalar::Scratch sc;
-    isa_scalar::sample_row(a, b, sc);
+  run_rows<isa_scalar::RowState>(a, num_threads, [&](int64_t b, isa_scalar::RowState& st, int tid, int nt, auto sync) {
+    isa_scalar::sample_row_team(a, b, st, tid, nt, sync);
   });
 }
 

@@ -12,9 +12,11 @@ uniform keyed by (seed, offset) of that row. See
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from soupkernels import backend as _backend
@@ -71,6 +73,14 @@ def _inputs(logits) -> list[torch.Tensor]:
 
 def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
     """coeffs [M] or [B, M] (sequence or tensor) -> contiguous fp32 [B, M] on ``device``."""
+    if isinstance(coeffs, (list, tuple)) and all(isinstance(v, numbers.Real) for v in coeffs):
+        # The common case (one preference for the batch), checked without torch ops.
+        if len(coeffs) != M:
+            raise ValueError(f"coeffs has {len(coeffs)} entries but logits holds M = {M} tensors")
+        for m, v in enumerate(coeffs):
+            if not math.isfinite(v):
+                raise ValueError(f"coeffs must be finite; coeffs[{m}] is {v}")
+        return torch.tensor(coeffs, dtype=torch.float32, device=device).expand(B, M).contiguous()
     c = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs.float()
     if c.dim() == 1:
         if c.numel() != M:
@@ -88,64 +98,64 @@ def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
     return c
 
 
-def _per_row(value, B: int, name: str, dtype: torch.dtype, device: torch.device, check) -> torch.Tensor:
-    """A scalar or a [B] sequence/tensor -> contiguous [B] ``dtype`` on ``device``, validated by ``check``."""
-    if isinstance(value, torch.Tensor):
-        t = value
-        if t.dim() == 0:
-            t = t.reshape(1).expand(B)
-        elif t.dim() != 1 or t.numel() != B:
-            raise ValueError(f"{name} must be a scalar or have shape [B] = [{B}], got {tuple(t.shape)}")
-        if dtype != torch.float32 and t.is_floating_point():
-            raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
-    elif isinstance(value, numbers.Number):
-        if dtype != torch.float32 and not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        t = torch.full((B,), value, dtype=dtype)
-    elif isinstance(value, Sequence):
-        if len(value) != B:
-            raise ValueError(f"{name} has {len(value)} entries; expected one per row (B = {B})")
-        if dtype != torch.float32 and not all(isinstance(v, numbers.Integral) for v in value):
-            raise TypeError(f"{name} must hold integers, got {list(value)!r}")
-        t = torch.tensor(list(value), dtype=torch.float64 if dtype == torch.float32 else dtype)
-    else:
-        raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}")
-    if t.device.type == "cpu":  # values on a GPU are checked only by the kernel's own guards
-        bad = ~check(t)
+class _Range:
+    """A per-row parameter's valid range, checked on a Python number or a numpy array."""
+
+    def __init__(self, text: str, ok):
+        self.text, self.ok = text, ok
+
+    def check(self, name: str, values: np.ndarray) -> None:
+        with np.errstate(invalid="ignore"):
+            bad = ~np.asarray(self.ok(values), dtype=bool)
         if bad.any():
-            row = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"{name}[{row}] = {t[row].item()!r} is out of range ({check.__doc__})")
-    return t.to(device=device, dtype=dtype).contiguous()
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name}[{row}] = {values[row].item()!r} is out of range ({self.text})")
 
 
-def _temperature_ok(t):
-    """finite and >= 0; 0 means greedy"""
-    return torch.isfinite(t) & (t >= 0)
+_TEMPERATURE = _Range("finite and >= 0; 0 means greedy", lambda t: (t >= 0) & (t < math.inf))
+_TOP_K = _Range("an integer >= 0; 0 means off", lambda t: t >= 0)
+_TOP_P = _Range("in (0, 1]; 1 means off", lambda t: (t > 0) & (t <= 1))
+_MIN_P = _Range("in [0, 1]; 0 means off", lambda t: (t >= 0) & (t <= 1))
+_ANY_INT = _Range("any 64-bit integer", lambda t: np.ones(np.shape(t), dtype=bool))
+_OFFSET = _Range("an integer >= 0", lambda t: t >= 0)
+_INT64 = (-(2**63), 2**63)
 
 
-def _top_k_ok(t):
-    """an integer >= 0; 0 means off"""
-    return t >= 0
+def _fill_row(dst: np.ndarray, value, name: str, rng: _Range) -> None:
+    """Write a scalar or a [B] sequence/array/tensor into ``dst`` [B] (float32 or int64), range-checked.
 
-
-def _top_p_ok(t):
-    """in (0, 1]; 1 means off"""
-    return (t > 0) & (t <= 1)
-
-
-def _min_p_ok(t):
-    """in [0, 1]; 0 means off"""
-    return (t >= 0) & (t <= 1)
-
-
-def _any_int(t):
-    """any 64-bit integer"""
-    return torch.ones_like(t, dtype=torch.bool)
-
-
-def _offset_ok(t):
-    """an integer >= 0"""
-    return t >= 0
+    Per-row parameters are gathered on the host (a CUDA tensor here costs one
+    copy): the C++ kernel reads them from there, the Triton kernel gets them
+    in two small uploads for all six.
+    """
+    B = dst.shape[0]
+    integral = dst.dtype == np.int64
+    if isinstance(value, numbers.Number) and not isinstance(value, (torch.Tensor, np.ndarray)):
+        if integral and not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if integral and not _INT64[0] <= value < _INT64[1]:
+            raise ValueError(f"{name}[0] = {value!r} is out of range (a 64-bit integer)")
+        arr = np.asarray([value], dtype=np.float64 if not integral else np.int64)
+    else:
+        if isinstance(value, torch.Tensor):
+            if integral and value.is_floating_point():
+                raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+            arr = value.detach().cpu().numpy()
+        elif isinstance(value, (Sequence, np.ndarray)):
+            if integral and not all(isinstance(v, numbers.Integral) for v in value):
+                raise TypeError(f"{name} must hold integers, got {list(value)!r}")
+            arr = np.asarray(value)
+        else:
+            raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}")
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        elif arr.ndim != 1 or arr.shape[0] != B:
+            what = f"{len(arr)} entries" if arr.ndim == 1 else f"shape {arr.shape}"
+            raise ValueError(f"{name} has {what}; expected a scalar or one per row (B = {B})")
+        if integral:
+            arr = arr.astype(np.int64)  # out-of-range Python ints already failed in np.asarray
+    rng.check(name, arr)
+    dst[:] = arr
 
 
 def guided_logits(logits, coeffs) -> torch.Tensor:
@@ -243,14 +253,19 @@ def guided_sample(
     B, V = xs[0].shape
     dev = xs[0].device
     c = _coeff_rows(coeffs, B, len(xs), dev)
-    temp = _per_row(temperature, B, "temperature", torch.float32, dev, _temperature_ok)
-    tk = _per_row(top_k, B, "top_k", torch.int64, dev, _top_k_ok)
-    tp = _per_row(top_p, B, "top_p", torch.float32, dev, _top_p_ok)
-    mp = _per_row(min_p, B, "min_p", torch.float32, dev, _min_p_ok)
+    fp = np.empty((3, B), dtype=np.float32)  # temperature, top_p, min_p
+    ip = np.empty((3, B), dtype=np.int64)  # top_k, seed, offset
+    _fill_row(fp[0], temperature, "temperature", _TEMPERATURE)
+    _fill_row(fp[1], top_p, "top_p", _TOP_P)
+    _fill_row(fp[2], min_p, "min_p", _MIN_P)
+    _fill_row(ip[0], top_k, "top_k", _TOP_K)
     if seed is None:
         seed = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64)
-    sd = _per_row(seed, B, "seed", torch.int64, dev, _any_int)
-    off = _per_row(offset, B, "offset", torch.int64, dev, _offset_ok)
+    _fill_row(ip[1], seed, "seed", _ANY_INT)
+    _fill_row(ip[2], offset, "offset", _OFFSET)
+    fp_t, ip_t = torch.from_numpy(fp).to(dev, non_blocking=True), torch.from_numpy(ip).to(dev, non_blocking=True)
+    temp, tp, mp = fp_t[0], fp_t[1], fp_t[2]
+    tk, sd, off = ip_t[0], ip_t[1], ip_t[2]
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
     if B:
@@ -272,12 +287,11 @@ def guided_sample(
             logprobs.copy_(lp)
     if check is None:
         check = dev.type == "cpu"
-    if check and B:
+    if check and B and bool((tokens < 0).any()):
         bad = torch.nonzero(tokens < 0).flatten().tolist()
-        if bad:
-            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-            raise ValueError(
-                f"rows {shown} of the combined logits hold a NaN or +inf or are all -inf; "
-                "no token can be drawn (pass check=False to get token -1 for them instead)"
-            )
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"rows {shown} of the combined logits hold a NaN or +inf or are all -inf; "
+            "no token can be drawn (pass check=False to get token -1 for them instead)"
+        )
     return (tokens, logprobs) if return_logprobs else tokens

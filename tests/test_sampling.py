@@ -367,8 +367,11 @@ def test_bad_arguments_are_refused_clearly():
         (dict(temperature=float("nan")), ValueError, "temperature"),
         (dict(min_p=1.1), ValueError, "min_p"),
         (dict(offset=-1), ValueError, "offset"),
-        (dict(seed=[1, 2, 3]), ValueError, r"seed has 3 entries; expected one per row \(B = 2\)"),
-        (dict(temperature=torch.ones(3)), ValueError, r"temperature must be a scalar or have shape \[B\]"),
+        (dict(seed=[1, 2, 3]), ValueError, r"seed has 3 entries; expected a scalar or one per row \(B = 2\)"),
+        (dict(temperature=torch.ones(3)), ValueError, r"temperature has 3 entries; expected a scalar or one per row"),
+        (dict(top_p=torch.ones(2, 1)), ValueError, r"top_p has shape \(2, 1\)"),
+        (dict(seed=2**64), ValueError, r"seed\[0\] = 18446744073709551616 is out of range"),
+        (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must hold integers"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
