@@ -57,15 +57,19 @@ SampleArgs sample_args(const std::vector<uintptr_t>& in_ptrs, const std::vector<
                     reinterpret_cast<float*>(logprobs)};
 }
 
-void guided_sample_py(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
-                      const std::vector<int64_t>& row_strides, int64_t B, int64_t V, uintptr_t coeffs,
-                      uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
-                      uintptr_t offset, uintptr_t tokens, uintptr_t logprobs, int num_threads) {
+// Returns the number of rows that got token -1 (NaN, +inf or all -inf).
+int64_t guided_sample_py(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
+                         const std::vector<int64_t>& row_strides, int64_t B, int64_t V, uintptr_t coeffs,
+                         uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
+                         uintptr_t offset, uintptr_t tokens, uintptr_t logprobs, int num_threads) {
   std::vector<const void*> ins;
   SampleArgs a = sample_args(in_ptrs, in_dtypes, row_strides, B, V, coeffs, temperature, top_k, top_p, min_p,
                              seed, offset, tokens, logprobs, ins);
   py::gil_scoped_release release;
   guided_sample(a, num_threads);
+  int64_t invalid = 0;
+  for (int64_t b = 0; b < B; ++b) invalid += a.tokens[b] < 0;
+  return invalid;
 }
 
 void guided_logits_py(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes,
@@ -99,7 +103,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0,
         "One token per row from sum_m coeffs[b, m] * in_m[b] under temperature / top-k / top-p / min-p.\n"
         "Addresses of contiguous per-row buffers: coeffs f32 [B*M], temperature/top_p/min_p f32 [B],\n"
-        "top_k/seed/offset/tokens i64 [B], logprobs f32 [B] or 0.");
+        "top_k/seed/offset/tokens i64 [B], logprobs f32 [B] or 0. Returns the number of rows given -1.");
   m.def("guided_logits", &guided_logits_py, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("row_strides"),
         py::arg("B"), py::arg("V"), py::arg("coeffs"), py::arg("out"), py::arg("num_threads") = 0,
         "out[b, :] = sum_m coeffs[b, m] * in_m[b, :] in fp32 (out contiguous [B, V]).");

@@ -22,6 +22,17 @@ def guided_sample_cpp(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset
                      0 if logprobs is None else logprobs.data_ptr(), num_threads)
 
 
+def guided_sample_cpp_packed(xs, coeffs, fp, ip, tokens, logprobs) -> int:
+    """As guided_sample_cpp, with the per-row parameters in two host numpy arrays:
+    ``fp`` float32 [3, B] (temperature, top_p, min_p), ``ip`` int64 [3, B] (top_k, seed, offset).
+    Returns the number of rows that got token -1."""
+    ptrs, dts, strides = _table(xs)
+    B, V = xs[0].shape
+    f, i = fp.ctypes.data, ip.ctypes.data
+    return _C.guided_sample(ptrs, dts, strides, B, V, coeffs.data_ptr(), f, i, f + 4 * B, f + 8 * B, i + 8 * B,
+                     i + 16 * B, tokens.data_ptr(), 0 if logprobs is None else logprobs.data_ptr())
+
+
 def guided_logits_cpp(xs, coeffs, out) -> None:
     """Fills ``out`` [B, V] fp32 (contiguous) in place."""
     ptrs, dts, strides = _table(xs)

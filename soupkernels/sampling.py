@@ -73,7 +73,8 @@ def _inputs(logits) -> list[torch.Tensor]:
 
 def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
     """coeffs [M] or [B, M] (sequence or tensor) -> contiguous fp32 [B, M] on ``device``."""
-    if isinstance(coeffs, (list, tuple)) and all(isinstance(v, numbers.Real) for v in coeffs):
+    if isinstance(coeffs, (list, tuple)) and all(type(v) in _PY_NUMBERS or isinstance(v, numbers.Real)
+                                                 for v in coeffs):
         # The common case (one preference for the batch), checked without torch ops.
         if len(coeffs) != M:
             raise ValueError(f"coeffs has {len(coeffs)} entries but logits holds M = {M} tensors")
@@ -116,9 +117,10 @@ _TEMPERATURE = _Range("finite and >= 0; 0 means greedy", lambda t: (t >= 0) & (t
 _TOP_K = _Range("an integer >= 0; 0 means off", lambda t: t >= 0)
 _TOP_P = _Range("in (0, 1]; 1 means off", lambda t: (t > 0) & (t <= 1))
 _MIN_P = _Range("in [0, 1]; 0 means off", lambda t: (t >= 0) & (t <= 1))
-_ANY_INT = _Range("any 64-bit integer", lambda t: np.ones(np.shape(t), dtype=bool))
+_ANY_INT = _Range("any 64-bit integer", lambda t: np.ones(np.shape(t), dtype=bool) if np.ndim(t) else True)
 _OFFSET = _Range("an integer >= 0", lambda t: t >= 0)
 _INT64 = (-(2**63), 2**63)
+_PY_NUMBERS = (int, float)  # exact-type fast path before the (slow) ABC checks
 
 
 def _fill_row(dst: np.ndarray, value, name: str, rng: _Range) -> None:
@@ -130,12 +132,17 @@ def _fill_row(dst: np.ndarray, value, name: str, rng: _Range) -> None:
     """
     B = dst.shape[0]
     integral = dst.dtype == np.int64
-    if isinstance(value, numbers.Number) and not isinstance(value, (torch.Tensor, np.ndarray)):
+    if type(value) in _PY_NUMBERS or (isinstance(value, numbers.Number)
+                                      and not isinstance(value, (torch.Tensor, np.ndarray))):
+        # The common case, checked in plain Python (a numpy check costs more than the kernel at B = 1).
         if integral and not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer, got {value!r}")
         if integral and not _INT64[0] <= value < _INT64[1]:
             raise ValueError(f"{name}[0] = {value!r} is out of range (a 64-bit integer)")
-        arr = np.asarray([value], dtype=np.float64 if not integral else np.int64)
+        if not bool(rng.ok(value)):
+            raise ValueError(f"{name}[0] = {value!r} is out of range ({rng.text})")
+        dst.fill(value)
+        return
     else:
         if isinstance(value, torch.Tensor):
             if integral and value.is_floating_point():
@@ -263,18 +270,19 @@ def guided_sample(
         seed = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64)
     _fill_row(ip[1], seed, "seed", _ANY_INT)
     _fill_row(ip[2], offset, "offset", _OFFSET)
-    fp_t, ip_t = torch.from_numpy(fp).to(dev, non_blocking=True), torch.from_numpy(ip).to(dev, non_blocking=True)
-    temp, tp, mp = fp_t[0], fp_t[1], fp_t[2]
-    tk, sd, off = ip_t[0], ip_t[1], ip_t[2]
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-    if B:
-        which = _backend.backend_for(xs[0])
-        if which == "cpp":
-            from soupkernels.cpp_sampling import guided_sample_cpp
+    which = _backend.backend_for(xs[0]) if B else "none"
+    n_invalid = None  # unknown until counted
+    if which == "cpp":  # reads the host arrays in place
+        from soupkernels.cpp_sampling import guided_sample_cpp_packed
 
-            guided_sample_cpp(xs, c, temp, tk, tp, mp, sd, off, tokens, logprobs if return_logprobs else None)
-        elif which == "triton":
+        n_invalid = guided_sample_cpp_packed(xs, c, fp, ip, tokens, logprobs if return_logprobs else None)
+    elif which != "none":
+        fp_t, ip_t = torch.from_numpy(fp).to(dev, non_blocking=True), torch.from_numpy(ip).to(dev, non_blocking=True)
+        temp, tp, mp = fp_t.unbind(0)
+        tk, sd, off = ip_t.unbind(0)
+        if which == "triton":
             from soupkernels.triton_sampling import guided_sample_triton
 
             guided_sample_triton(xs, c, temp, tk, tp, mp, sd, off, tokens, logprobs)
@@ -287,7 +295,7 @@ def guided_sample(
             logprobs.copy_(lp)
     if check is None:
         check = dev.type == "cpu"
-    if check and B and bool((tokens < 0).any()):
+    if check and B and (n_invalid if n_invalid is not None else bool((tokens < 0).any())):
         bad = torch.nonzero(tokens < 0).flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         raise ValueError(
