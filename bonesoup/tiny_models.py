@@ -46,8 +46,8 @@ _EOS = "<|endoftext|>"
 _PAD = "<|pad|>"
 
 
-def make_tiny_tokenizer(vocab_size: int = 384):
-    """A deterministic byte-level BPE tokenizer trained on :data:`TINY_CORPUS`.
+def make_tiny_tokenizer(vocab_size: int = 384, corpus=TINY_CORPUS):
+    """A deterministic byte-level BPE tokenizer trained on ``corpus`` (default :data:`TINY_CORPUS`).
 
     Byte-level, so any text encodes (no unknown token). ``vocab_size`` counts
     the 256 byte symbols, the merges and the two special tokens.
@@ -68,7 +68,7 @@ def make_tiny_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TINY_CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=_EOS, eos_token=_EOS, pad_token=_PAD, padding_side="left"
     )
