@@ -1,0 +1,26 @@
+"""PPO for causal language models: the training path of Bone Soup's backbones.
+
+- :mod:`bonesoup.ppo.losses`: the arithmetic (KL penalty, GAE, whitening, clipped losses, KL controllers);
+- :mod:`bonesoup.ppo.rollout`: left padding, position ids, KV-cache sampling, EOS truncation, log-probs;
+- :mod:`bonesoup.ppo.trainer`: :class:`PPOConfig`, :class:`PPOTrainer` (single process or DDP under torchrun);
+- :mod:`bonesoup.ppo.training_log`: JSONL log and its plot.
+"""
+
+from .losses import AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_whiten
+from .rollout import generate, left_pad_prompts, sample_texts
+from .trainer import PolicyAndValue, PPOConfig, PPOTrainer, disable_dropout
+
+__all__ = [
+    "PPOConfig",
+    "PPOTrainer",
+    "PolicyAndValue",
+    "disable_dropout",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "gae",
+    "kl_penalty",
+    "masked_whiten",
+    "generate",
+    "left_pad_prompts",
+    "sample_texts",
+]

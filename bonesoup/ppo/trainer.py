@@ -1,0 +1,635 @@
+"""PPO for causal language models: configuration, the policy-and-value module, the training loop.
+
+One :meth:`PPOTrainer.step` is the numbered sequence of CleanRL's ``ppo.py``:
+
+1. choose the step's prompts (the same global batch on every process);
+2. roll out: sample T tokens per prompt with the KV cache (per-sample seeds),
+   truncate after the first EOS;
+3. score each (prompt, response) with the reward function; penalise missing EOS;
+4. gather the global batch on every process (data parallel);
+5. old log-probs, values and reference log-probs, in exactly the micro-batches
+   of epoch 0 (so the first minibatch sees ratio 1 and approximate KL 0);
+6. per-token KL penalty, score on the last real token, GAE, whitening;
+7. several epochs over shuffled minibatches with gradient accumulation,
+   clipped surrogate + clipped value loss, grad-norm clipping;
+8. statistics and the KL-coefficient update.
+
+Data parallel: under ``torchrun`` every process samples and scores its slice
+of the global batch, then all of them hold the whole (small) rollout tensors,
+so whitening and minibatch choice are those of one process; each process
+trains on its share of every minibatch and DDP averages the gradients. The
+loss of a micro-batch is its token sum over the minibatch's global token
+count times the world size, so the averaged gradient is exactly the one
+process's masked mean over the minibatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+from .rollout import (
+    check_special_tokens,
+    decode_responses,
+    generate,
+    left_pad_prompts,
+    logprobs_from_logits,
+    response_logits,
+    sample_uniforms,
+)
+
+__all__ = ["PPOConfig", "PolicyAndValue", "PPOTrainer", "disable_dropout", "DistInfo", "init_distributed"]
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of :class:`PPOTrainer`. Batch sizes count rollouts over all processes."""
+
+    steps: int = 100
+    """PPO iterations (one rollout batch + its update each)."""
+    batch_size: int = 64
+    """Rollouts per step, over all processes."""
+    mini_batch_size: int = 16
+    """Rollouts per optimiser step, over all processes."""
+    grad_accum_steps: int = 1
+    """Micro-batches per minibatch on each process (micro-batch = mini_batch_size / (world * grad_accum_steps))."""
+    ppo_epochs: int = 4
+    """Passes over the rollout batch per step."""
+    generation_batch_size: int | None = None
+    """Rows per generate call on a process (None: the whole local batch at once)."""
+    max_new_tokens: int = 20
+    """Sampled response length T (responses end earlier at EOS)."""
+    max_prompt_tokens: int | None = None
+    """Keep only the last tokens of longer prompts (None: keep all)."""
+    temperature: float = 1.0
+    """Sampling temperature; the same one tempers the policy's and the reference's log-probs."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant)."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm of each minibatch to this (inf: no clipping)."""
+    gamma: float = 1.0
+    """Discount in GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip epsilon (around the rollout's values)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    kl_coef: float = 0.05
+    """Initial (or fixed) coefficient of the per-token KL penalty."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: 'k1' (log-ratio) or 'k3' ((r - 1) - log r)."""
+    adaptive_kl: bool = False
+    """Steer kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL (nats) of the adaptive controller."""
+    kl_horizon: float = 10000.0
+    """Horizon of the adaptive controller (rollouts)."""
+    whiten_rewards: bool = False
+    """Rescale per-token rewards by their masked std (mean kept) before GAE."""
+    whiten_advantages: bool = True
+    """Masked whitening of the advantages (statistics over the whole batch)."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response without EOS within max_new_tokens."""
+    seed: int = 0
+    """Seeds prompt choice, per-sample sampling, minibatch shuffles and the value head."""
+    bf16: bool | None = None
+    """bf16 autocast for forward passes (None: on for CUDA, off on the CPU)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward (None: on for CUDA)."""
+
+    def __post_init__(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("steps", "batch_size", "mini_batch_size", "grad_accum_steps", "ppo_epochs", "max_new_tokens"):
+            positive_int(name)
+        for name in ("generation_batch_size", "max_prompt_tokens"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
+                             f"({self.mini_batch_size})")
+        if self.mini_batch_size % self.grad_accum_steps:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of grad_accum_steps "
+                             f"({self.grad_accum_steps})")
+        for name in ("temperature", "lr", "adam_eps", "max_grad_norm", "cliprange", "cliprange_value"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for name in ("gamma", "lam"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        for name in ("vf_coef", "kl_coef"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.adaptive_kl:
+            AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)  # validates target and horizon
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(f"missing_eos_penalty must be finite, got {self.missing_eos_penalty!r}")
+
+    def check_world(self, world: int) -> None:
+        """Refuse batch sizes that do not split over ``world`` processes."""
+        if self.batch_size % world:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of the world size ({world})")
+        if self.mini_batch_size % (world * self.grad_accum_steps):
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of world size x "
+                             f"grad_accum_steps ({world} x {self.grad_accum_steps})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PPOConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown PPOConfig fields {unknown}")
+        return cls(**d)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability in ``model`` to 0, in place (the saved config is left alone).
+
+    PPO's ratio compares two forward passes of the same weights; dropout
+    would make it differ from 1 by noise. Covers ``nn.Dropout`` modules and
+    float attributes named ``*dropout*`` that attention code reads directly.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for name, v in list(vars(m).items()):
+            if "dropout" in name and isinstance(v, float):
+                setattr(m, name, 0.0)
+    return model
+
+
+class PolicyAndValue(nn.Module):
+    """A causal LM policy and a scalar value head.
+
+    The value head reads the last hidden state of the policy's own trunk
+    (``critic=None``, the default) or of a separate critic LM. One forward
+    returns both, so the rollout's old log-probs and values come from one pass.
+
+    Parameters
+    ----------
+    policy : transformers causal LM
+    critic : transformers causal LM or None
+        A separate trunk for the value (e.g. a copy of the SFT model).
+    """
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        hidden = (critic or policy).config.hidden_size
+        # Zero init: the first value estimates are 0, the first advantages the whitened rewards.
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) int64 each -> ``(logits (B, L, V), values (B, L) fp32)``."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=self.critic is None, use_cache=False)
+        if self.critic is None:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 output_hidden_states=True, use_cache=False).hidden_states[-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return out.logits, values
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a data-parallel run (world 1: a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    nccl for CUDA devices, gloo on CPUs. Without WORLD_SIZE (or with 1) it is
+    a single process and nothing is initialised.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local)
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    """Seed of rollout ``index`` of the global batch at ``step``: depends on nothing else."""
+    return ((seed * 1_000_003 + step) * 1_048_573 + index) % (2**63 - 1)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    s = 0
+    for k in keys:
+        s = (s * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+class PPOTrainer:
+    """PPO on a causal LM with a reward function on (prompt, response) text.
+
+    Parameters
+    ----------
+    config : PPOConfig
+    policy : transformers causal LM
+        Trained in place (its dropout is turned off). Usually the SFT model.
+    tokenizer : transformers tokenizer
+        Must have an EOS and a pad token, distinct.
+    reward_fn : callable
+        ``reward_fn(prompts, responses)`` -> a :class:`bonesoup.rewards.RewardOutput`
+        (score (B,) plus per-objective rewards for the log) or B floats.
+    prompts : sequence of str
+        Prompts to draw from (with replacement, seeded per step).
+    ref_model : causal LM, optional
+        Frozen reference; default a frozen copy of ``policy`` as given (the SFT model).
+    critic : causal LM, optional
+        A separate trunk for the value head (default: the policy's trunk).
+    objective_names : sequence of str, optional
+        Names of the per-objective rewards in the log (default: ``reward_fn.names``).
+    device : torch.device or str, optional
+        Default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+    """
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, reward_fn: Callable, prompts: Sequence[str],
+                 *, ref_model: nn.Module | None = None, critic: nn.Module | None = None,
+                 objective_names: Sequence[str] | None = None, device: str | torch.device | None = None):
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts must be a non-empty sequence of strings")
+        if not callable(reward_fn):
+            raise TypeError(f"reward_fn must be callable, got {reward_fn!r}")
+        self.config, self.tokenizer, self.reward_fn, self.prompts = config, tokenizer, reward_fn, list(prompts)
+        self.pad_id, self.eos_id = check_special_tokens(tokenizer)
+        if device is None:
+            device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+                      else torch.device("cpu"))
+        self.device = torch.device(device)
+        self.dist = init_distributed(self.device)
+        config.check_world(self.dist.world)
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if (config.bf16 if config.bf16 is not None else cuda) else None
+        names = objective_names if objective_names is not None else getattr(reward_fn, "names", None)
+        self.objective_names = list(names) if names is not None else None
+
+        # The reference is the policy as given (the SFT model), frozen; copied before anything changes it.
+        self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
+        self.ref_model.to(self.device).eval().requires_grad_(False)
+        disable_dropout(self.ref_model)
+        for m in (policy, critic):
+            if m is not None:
+                disable_dropout(m)
+                if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.module = PolicyAndValue(policy, critic).to(self.device)
+        self.model = self.module
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.module, device_ids=[self.device.index] if cuda else None)
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=config.lr,
+                                           eps=config.adam_eps, weight_decay=0.0)
+        self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+                       if config.adaptive_kl else FixedKLController(config.kl_coef))
+        self.step_index = 0
+        # Diagnostics of the last step's first micro-batch of epoch 0 (tests check ratio == 1 there).
+        self.first_microbatch: dict[str, torch.Tensor] = {}
+        # Rollout of the last step (global batch, CPU), for inspection and tests.
+        self.last_rollout: dict[str, torch.Tensor] = {}
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.module.policy
+
+    # ------------------------------------------------------------------ distributed plumbing
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equally shaped per-process tensors along dim 0, in rank order."""
+        if self.dist.world == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.dist.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.dist.world == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.dist.world for k, v in zip(keys, t.tolist())}
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _minibatches(self, epoch: int) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The minibatches of ``epoch``: (global rows, this process's micro-batches of them).
+
+        Minibatch k is rows ``perm[kM:(k+1)M]`` of the global batch, whatever
+        the world size; process r takes the r-th slice of it and cuts that
+        into ``grad_accum_steps`` micro-batches.
+        """
+        c, w, r = self.config, self.dist.world, self.dist.rank
+        perm = torch.randperm(c.batch_size, generator=_generator(c.seed, self.step_index, epoch, 7))
+        share, micro = c.mini_batch_size // w, c.mini_batch_size // (w * c.grad_accum_steps)
+        out = []
+        for k in range(c.batch_size // c.mini_batch_size):
+            rows = perm[k * c.mini_batch_size:(k + 1) * c.mini_batch_size]
+            mine = rows[r * share:(r + 1) * share]
+            out.append((rows, [mine[j * micro:(j + 1) * micro] for j in range(c.grad_accum_steps)]))
+        return out
+
+    # ------------------------------------------------------------------ one PPO step
+
+    def step(self) -> dict:
+        """One rollout batch and its PPO update. Returns the step's statistics (floats, identical on all ranks)."""
+        c, d, dev = self.config, self.dist, self.device
+        B, T, local = c.batch_size, c.max_new_tokens, c.batch_size // self.dist.world
+        t0 = time.perf_counter()
+
+        # 1. Prompts: the same global batch on every process; this process samples rows [rank*local, +local).
+        idx = torch.randint(len(self.prompts), (B,), generator=_generator(c.seed, self.step_index, 3)).tolist()
+        batch_prompts = [self.prompts[i] for i in idx]
+        width = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in batch_prompts)
+        if c.max_prompt_tokens is not None:
+            width = min(width, c.max_prompt_tokens)
+        rows = range(d.rank * local, (d.rank + 1) * local)
+        my_prompts = [batch_prompts[i] for i in rows]
+        query, query_mask = left_pad_prompts(self.tokenizer, my_prompts, max_prompt_tokens=c.max_prompt_tokens,
+                                             width=width)
+
+        # 2. Roll out with the KV cache, per-sample seeded, in eval mode (dropout is off anyway; eval
+        #    keeps the cache usable under gradient checkpointing).
+        uniforms = sample_uniforms([_sample_seed(c.seed, self.step_index, i) for i in rows], T)
+        policy = self.module.policy
+        policy.eval()
+        gb = c.generation_batch_size or local
+        parts = [generate(policy, query[i:i + gb].to(dev), query_mask[i:i + gb].to(dev), max_new_tokens=T,
+                          temperature=c.temperature, uniforms=uniforms[i:i + gb], eos_id=self.eos_id,
+                          pad_id=self.pad_id, autocast_dtype=self.autocast_dtype) for i in range(0, local, gb)]
+        response = torch.cat([p.response for p in parts]).cpu()
+        response_mask = torch.cat([p.response_mask for p in parts]).cpu()
+        has_eos = torch.cat([p.has_eos for p in parts]).cpu()
+        t_rollout = time.perf_counter() - t0
+
+        # 3. Scores on text, computed where the samples are.
+        texts = decode_responses(self.tokenizer, response, response_mask, self.eos_id)
+        out = self.reward_fn(my_prompts, texts)
+        if hasattr(out, "score"):
+            score, objectives = out.score, out.objectives
+        else:
+            score, objectives = torch.as_tensor(out, dtype=torch.float32), None
+        score = torch.as_tensor(score, dtype=torch.float32).reshape(-1)
+        if score.shape != (local,):
+            raise ValueError(f"reward_fn returned {tuple(score.shape)} scores for {local} rollouts")
+        if not torch.isfinite(score).all():
+            raise ValueError("reward_fn returned a non-finite score")
+        raw_score = score.clone()
+        if c.missing_eos_penalty is not None:
+            score = score - c.missing_eos_penalty * (~has_eos).float()
+
+        # 4. The whole batch on every process (tokens and scores are small).
+        query = self._gather_rows(query.to(dev)).cpu()
+        query_mask = self._gather_rows(query_mask.to(dev)).cpu()
+        response = self._gather_rows(response.to(dev)).cpu()
+        response_mask = self._gather_rows(response_mask.to(dev)).cpu()
+        has_eos = self._gather_rows(has_eos.to(dev)).cpu()
+        score = self._gather_rows(score.to(dev)).cpu()
+        raw_score = self._gather_rows(raw_score.to(dev)).cpu()
+        if objectives is not None:
+            objectives = self._gather_rows(torch.as_tensor(objectives, dtype=torch.float32).to(dev)).cpu()
+        P = query.shape[1]
+        ids = torch.cat([query, response], 1)
+        attn = torch.cat([query_mask, response_mask], 1)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        mask = response_mask.float()
+
+        # 5. Old log-probs / values / reference log-probs, in epoch 0's micro-batches: the first
+        #    minibatch's forward then repeats these exact computations (ratio 1, approx KL 0).
+        t1 = time.perf_counter()
+        schedule = [self._minibatches(e) for e in range(c.ppo_epochs)]
+        old_logp = torch.zeros(B, T)
+        old_values = torch.zeros(B, T)
+        ref_logp = torch.zeros(B, T)
+        entropy = torch.zeros(B, T)
+        mine = torch.cat([mb for _, micro in schedule[0] for mb in micro])
+        self.module.train()
+        with torch.no_grad():
+            for _, micro in schedule[0]:
+                for mb in micro:
+                    x, a, p = ids[mb].to(dev), attn[mb].to(dev), pos[mb].to(dev)
+                    with self._autocast():
+                        logits, values = self.module(x, a, p)
+                        ref_logits = self.ref_model(input_ids=x, attention_mask=a, position_ids=p,
+                                                    use_cache=False).logits
+                    lg = response_logits(logits, P)
+                    old_logp[mb] = logprobs_from_logits(lg, response[mb].to(dev), c.temperature).cpu()
+                    old_values[mb] = values[:, P - 1:-1].cpu()
+                    ref_logp[mb] = logprobs_from_logits(response_logits(ref_logits, P), response[mb].to(dev),
+                                                        c.temperature).cpu()
+                    entropy[mb] = entropy_from_logits(lg / c.temperature).cpu()
+        if d.world > 1:  # every process computed its epoch-0 share; give everyone everything
+            order = self._gather_rows(mine.to(dev)).cpu()
+            for t in (old_logp, old_values, ref_logp, entropy):
+                t[order] = self._gather_rows(t[mine].to(dev)).cpu()
+
+        # 6. Rewards per token (KL penalty everywhere, score on the last real token), GAE, whitening.
+        kl = kl_penalty(old_logp, ref_logp, c.kl_estimator) * mask
+        old_values = old_values * mask
+        rewards = token_rewards(score, kl, mask, self.kl_ctl.value)
+        if c.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        raw_advantages = advantages
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 7. PPO epochs over minibatches, gradient accumulation, grad-norm clipping.
+        stats_sum: dict[str, float] = {}
+        n_micro = 0
+        grad_norms = []
+        for epoch, minibatches in enumerate(schedule):
+            for k, (rows, micro) in enumerate(minibatches):
+                # Global token count of the minibatch (all processes' shares): the masked-mean denominator.
+                n_tokens = mask[rows].sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                for j, mb in enumerate(micro):
+                    last = j == len(micro) - 1
+                    sync = self.model.no_sync() if (d.world > 1 and not last) else nullcontext()
+                    m = mask[mb].to(dev)
+                    with sync:
+                        with self._autocast():
+                            logits, values = self.model(ids[mb].to(dev), attn[mb].to(dev), pos[mb].to(dev))
+                        new_logp = logprobs_from_logits(response_logits(logits, P), response[mb].to(dev),
+                                                        c.temperature)
+                        values = values[:, P - 1:-1]
+                        pg, pg_info = policy_loss(new_logp, old_logp[mb].to(dev), advantages[mb].to(dev),
+                                                  c.cliprange)
+                        vf, vf_clipped = value_loss(values, old_values[mb].to(dev), returns[mb].to(dev),
+                                                    c.cliprange_value)
+                        loss = ((pg + c.vf_coef * vf) * m).sum() / n_tokens.to(dev) * d.world
+                        loss.backward()
+                    with torch.no_grad():
+                        if epoch == 0 and k == 0 and j == 0:
+                            self.first_microbatch = {"ratio": pg_info["ratio"].detach().cpu(),
+                                                     "approx_kl": pg_info["approx_kl"].detach().cpu(),
+                                                     "mask": m.cpu()}
+                        for name, v in (("policy_loss", pg), ("value_loss", vf),
+                                        ("approx_kl", pg_info["approx_kl"]), ("clipfrac", pg_info["clipped"]),
+                                        ("vf_clipfrac", vf_clipped), ("ratio", pg_info["ratio"])):
+                            stats_sum[name] = stats_sum.get(name, 0.0) + float(masked_mean(v, m))
+                    n_micro += 1
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.max_grad_norm)))
+                self.optimizer.step()
+        t_train = time.perf_counter() - t1
+
+        # 8. Statistics (means over the global batch) and the KL controller.
+        seq_kl = kl.sum(1)
+        stats = {
+            "step": self.step_index,
+            "score": float(raw_score.mean()),
+            "score_std": float(raw_score.std()),
+            "kl": float(seq_kl.mean()),
+            "kl_coef": float(self.kl_ctl.value),
+            "non_score_reward": float((-self.kl_ctl.value * kl).sum(1).mean()),
+            "entropy": float(masked_mean(entropy, mask)),
+            "response_length": float(mask.sum(1).mean()),
+            "eos_fraction": float(has_eos.float().mean()),
+            "returns": float(masked_mean(returns, mask)),
+            "advantages_raw": float(masked_mean(raw_advantages, mask)),
+            "values": float(masked_mean(old_values, mask)),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+        }
+        stats.update(self._all_mean({k: v / n_micro for k, v in stats_sum.items()}))
+        if objectives is not None:
+            names = self.objective_names or [f"r{i}" for i in range(objectives.shape[1])]
+            for i, name in enumerate(names):
+                stats[f"reward/{name}"] = float(objectives[:, i].mean())
+        tokens = float(mask.sum())
+        stats["rollout_tokens_per_s"] = tokens / max(t_rollout, 1e-9)
+        stats["train_tokens_per_s"] = tokens * c.ppo_epochs / max(t_train, 1e-9)
+        stats["seconds"] = time.perf_counter() - t0
+        self.kl_ctl.update(stats["kl"], B)
+        self.last_rollout = {"query": query, "query_mask": query_mask, "response": response,
+                             "response_mask": response_mask, "score": score, "old_logprobs": old_logp,
+                             "ref_logprobs": ref_logp, "values": old_values, "rewards": rewards,
+                             "advantages": advantages}
+        self.step_index += 1
+        return stats
+
+    # ------------------------------------------------------------------ the loop and the output
+
+    def train(self, steps: int | None = None, *, out_dir: str | os.PathLike | None = None, force: bool = False,
+              progress: bool = True, metadata: dict | None = None) -> list[dict]:
+        """Run ``steps`` (default ``config.steps``) PPO steps; optionally write the result.
+
+        With ``out_dir``, the main process writes, atomically (a temporary
+        directory renamed into place at the end; nothing is left under the
+        target's name if training fails): the policy as a Hugging Face
+        checkpoint (no value-head keys), the tokenizer, ``train_log.jsonl``
+        (one line of statistics per step, written as training goes),
+        ``train_log.png`` and ``bonesoup-train.json`` (config, metadata, time).
+
+        Returns the per-step statistics.
+        """
+        from .training_log import TrainingLog
+
+        steps = self.config.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        records: list[dict] = []
+        write = out_dir is not None and self.dist.is_main
+        if write:
+            from bonesoup.checkpoint import atomic_output_dir
+
+            ctx = atomic_output_dir(out_dir, force=force)
+        else:
+            ctx = nullcontext(None)
+        t0 = time.perf_counter()
+        with ctx as tmp:
+            log = TrainingLog(Path(tmp) / "train_log.jsonl") if write else None
+            bar = range(steps)
+            if progress and self.dist.is_main:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(bar, desc="ppo", unit="step", dynamic_ncols=True)
+            for _ in bar:
+                s = self.step()
+                records.append(s)
+                if log is not None:
+                    log.append(s)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(score=f"{s['score']:.3f}", kl=f"{s['kl']:.2f}", ent=f"{s['entropy']:.2f}")
+            if write:
+                log.close()
+                self.save_policy(tmp)
+                log.plot(Path(tmp) / "train_log.png", self.objective_names)
+                meta = {"config": asdict(self.config), "steps": steps, "world_size": self.dist.world,
+                        "seconds": time.perf_counter() - t0, "final": records[-1] if records else None,
+                        "objectives": self.objective_names, **(metadata or {})}
+                (Path(tmp) / "bonesoup-train.json").write_text(json.dumps(meta, indent=2))
+        return records
+
+    def save_policy(self, out_dir: str | os.PathLike) -> None:
+        """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``."""
+        self.policy.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
