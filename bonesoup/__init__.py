@@ -1,8 +1,10 @@
 """bonesoup: the Bone Soup / MAGE method on top of soupkernels.
 
 Knows models, checkpoints and preferences: merge coefficients, checkpoint
-I/O, the offline merge, live re-merge inside a serving process (LiveSoup)
-and the command line (``bonesoup --help``).
+I/O, the offline merge, live re-merge inside a serving process (LiveSoup),
+PPO training of backbones on combined rewards (``bonesoup.ppo``,
+``bonesoup.rewards``, the embedded task ``bonesoup.task``) and the command
+line (``bonesoup --help``).
 """
 
 from bonesoup.coefficients import (
@@ -15,6 +17,9 @@ from bonesoup.coefficients import (
 )
 from bonesoup.live import LiveSoup, RemergeInfo
 from bonesoup.offline_merge import merge_checkpoints
+from bonesoup.ppo import PPOConfig, PPOTrainer
+from bonesoup.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
+from bonesoup.rewards import CombinedReward, RewardNormalization, combination_weights, get_reward, register_reward
 
 __all__ = [
     "backbone_matrix",
@@ -26,4 +31,13 @@ __all__ = [
     "merge_checkpoints",
     "LiveSoup",
     "RemergeInfo",
+    "PPOConfig",
+    "PPOTrainer",
+    "train_checkpoint",
+    "evaluate_checkpoint",
+    "CombinedReward",
+    "RewardNormalization",
+    "combination_weights",
+    "get_reward",
+    "register_reward",
 ]

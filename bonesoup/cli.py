@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bonesoup.serve import add_serve_parser  # needs fastapi/uvicorn only when it runs
 
     add_serve_parser(sub)
+    from bonesoup.train_cli import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
