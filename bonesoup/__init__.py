@@ -41,3 +41,16 @@ __all__ = [
     "get_reward",
     "register_reward",
 ]
+
+# Guided decoding (MAGE stage 2) imports transformers; load it on first use so that
+# `import bonesoup` stays light for the merge paths.
+_GUIDED = ("GuidanceLogitsProcessor", "GuidedGeneration", "guided_generate")
+__all__ += list(_GUIDED)
+
+
+def __getattr__(name):
+    if name in _GUIDED:
+        from bonesoup import guided
+
+        return getattr(guided, name)
+    raise AttributeError(f"module 'bonesoup' has no attribute {name!r}")
