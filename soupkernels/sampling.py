@@ -21,6 +21,7 @@ import torch
 
 from soupkernels import backend as _backend
 from soupkernels._dtypes import DTYPE_CODE
+from soupkernels.cpp_sampling import guided_sample_cpp_packed
 
 __all__ = ["guided_sample", "guided_logits", "MAX_INPUTS"]
 
@@ -81,7 +82,10 @@ def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
         for m, v in enumerate(coeffs):
             if not math.isfinite(v):
                 raise ValueError(f"coeffs must be finite; coeffs[{m}] is {v}")
-        return torch.tensor(coeffs, dtype=torch.float32, device=device).expand(B, M).contiguous()
+        rows = np.empty((B, M), dtype=np.float32)
+        rows[:] = coeffs
+        rows = torch.from_numpy(rows)
+        return rows if device.type == "cpu" else rows.to(device)
     c = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs.float()
     if c.dim() == 1:
         if c.numel() != M:
@@ -275,8 +279,6 @@ def guided_sample(
     which = _backend.backend_for(xs[0]) if B else "none"
     n_invalid = None  # unknown until counted
     if which == "cpp":  # reads the host arrays in place
-        from soupkernels.cpp_sampling import guided_sample_cpp_packed
-
         n_invalid = guided_sample_cpp_packed(xs, c, fp, ip, tokens, logprobs if return_logprobs else None)
     elif which != "none":
         fp_t, ip_t = torch.from_numpy(fp).to(dev, non_blocking=True), torch.from_numpy(ip).to(dev, non_blocking=True)
