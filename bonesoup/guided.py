@@ -358,11 +358,14 @@ def _stop_and_pad(base_model, stop_token_ids, pad_token_id) -> tuple[list[int], 
     return stops, int(pad_token_id)
 
 
-def _per_row_tensor(value, dtype, device):
-    """Per-row sequences become one device tensor up front (not a host copy per step)."""
-    if isinstance(value, (numbers.Number, torch.Tensor)):
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-    return torch.tensor(list(value), dtype=dtype, device=device)
+def _per_row_host(value, dtype):
+    """Per-row parameters become one host tensor up front: guided_sample gathers its
+    parameters on the host, so a device tensor here would cost a copy (a sync) per step."""
+    if isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return torch.tensor(list(value), dtype=dtype)
 
 
 def guided_generate(
@@ -470,11 +473,11 @@ def guided_generate(
     # messages (they name the argument): on a one-token vocabulary this costs microseconds.
     sk.guided_sample(torch.zeros(len(models), B, 1, device=device), c, temperature=temperature, top_k=top_k,
                      top_p=top_p, min_p=min_p, seed=seeds, offset=0)
-    temperature = _per_row_tensor(temperature, torch.float32, device)
-    top_k = _per_row_tensor(top_k, torch.int64, device)
-    top_p = _per_row_tensor(top_p, torch.float32, device)
-    min_p = _per_row_tensor(min_p, torch.float32, device)
-    seeds = _per_row_tensor(seeds, torch.int64, device)
+    temperature = _per_row_host(temperature, torch.float32)
+    top_k = _per_row_host(top_k, torch.int64)
+    top_p = _per_row_host(top_p, torch.float32)
+    min_p = _per_row_host(min_p, torch.float32)
+    seeds = _per_row_host(seeds, torch.int64)
 
     new_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=device)
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
