@@ -41,6 +41,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="JSON {mean: [...], std: [...]}: normalise with these statistics instead")
     g.add_argument("--value-model", choices=["shared", "separate"], default="shared",
                    help="value head on the policy's trunk (shared) or on a separate copy of the SFT model")
+    g.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train LoRA adapters of rank R (needs the optional peft package); the reference is the "
+                   "base with adapters disabled; the output is a full checkpoint (adapters merged)")
     g = p.add_argument_group("PPO")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="rollouts per step, all processes")
@@ -174,7 +177,7 @@ def _cmd_train(args) -> int:
     out = args.out or TRAIN_DIR / name
     records = train_checkpoint(sft, out, rewards=rewards, weights=weights, prompts=prompts, config=config,
                                normalization=norm, separate_critic=args.value_model == "separate",
-                               force=args.force, progress=not args.no_progress, device=args.device,
+                               lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress, device=args.device,
                                metadata={"combination": name, "beta": args.beta})
     if _is_main():
         last = records[-1]
@@ -218,7 +221,7 @@ def _cmd_train_all(args) -> int:
             print(f"[train-all] {name}: weights {np.round(w, 4).tolist()}", file=sys.stderr)
         records = train_checkpoint(sft, root / name, rewards=rewards, weights=w, prompts=prompts, config=config,
                                    normalization=norm, separate_critic=args.value_model == "separate",
-                                   force=args.force, progress=not args.no_progress, device=args.device,
+                                   lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress, device=args.device,
                                    metadata={"combination": name, "beta": args.beta})
         summary["models"][name] = {"weights": w.tolist(), "final_score": records[-1]["score"],
                                    "final_kl": records[-1]["kl"],

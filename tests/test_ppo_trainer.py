@@ -237,3 +237,57 @@ def test_config_errors_name_the_argument():
         PPOConfig(batch_size=16, mini_batch_size=8, grad_accum_steps=8).check_world(2)
     with pytest.raises(ValueError, match="unknown PPOConfig fields"):
         PPOConfig.from_dict({"stepz": 3})
+
+
+def test_gpu_settings_bf16_autocast_and_gradient_checkpointing_run_on_cpu(task_sft):
+    # The CUDA defaults (bf16 autocast, gradient checkpointing) forced on the CPU: the same code path.
+    tr = _trainer(task_sft, bf16=True, gradient_checkpointing=True, grad_accum_steps=2)
+    assert tr.autocast_dtype == torch.bfloat16
+    assert any(getattr(m, "gradient_checkpointing", False) for m in tr.policy.modules())
+    before = {k: v.detach().clone() for k, v in tr.policy.named_parameters()}
+    for _ in range(2):
+        stats = tr.step()
+        m = tr.first_microbatch["mask"].bool()
+        assert torch.all(tr.first_microbatch["ratio"][m] == 1.0)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if isinstance(v, float))
+    assert any(not torch.equal(before[k], v) for k, v in tr.policy.named_parameters())
+    assert next(tr.policy.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weights(task_sft, tmp_path):
+    pytest.importorskip("peft", reason="LoRA is the optional peft extra")  # pinned in requirements-dev.txt
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from bonesoup.ppo import with_lora
+
+    policy, tok = tiny_policy(task_sft)
+    sft_state = {k: v.clone() for k, v in policy.state_dict().items()}
+    lora = with_lora(policy, rank=4)
+    reward = CombinedReward(list(TASK_REWARDS), [1.0, 0.0])
+    tr = PPOTrainer(PPOConfig(**{**SMALL, "lr": 3e-3}), lora, tok, reward, task_prompts("train"), device="cpu")
+    assert tr.ref_model is None  # no copy: the base with adapters disabled is the reference
+    trainable = {n for n, p in tr.module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+    records = tr.train(3, out_dir=tmp_path / "lora", progress=False)
+    assert records[0]["kl"] == 0.0 and records[2]["kl"] != 0.0
+    r = tr.last_rollout
+    # The reference log-probs are the SFT model's.
+    sft_model = AutoModelForCausalLM.from_pretrained(task_sft)
+    ids = torch.cat([r["query"], r["response"]], 1)
+    attn = torch.cat([r["query_mask"], r["response_mask"]], 1)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = logprobs_from_logits(response_logits(sft_model(input_ids=ids, attention_mask=attn,
+                                                             position_ids=pos).logits, r["query"].shape[1]),
+                                   r["response"], 1.0)
+    m = r["response_mask"].bool()
+    torch.testing.assert_close(r["ref_logprobs"][m], ref[m], rtol=1e-5, atol=1e-5)
+    # Saved: the SFT model's keys, adapters merged in (weights moved), loadable as a plain causal LM.
+    with safe_open(tmp_path / "lora" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        moved = max(float((f.get_tensor(k) - sft_state[k]).abs().max()) for k in keys)
+    with safe_open(task_sft / "model.safetensors", "pt") as g:
+        assert keys == set(g.keys())
+    assert moved > 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora")

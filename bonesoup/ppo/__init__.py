@@ -8,13 +8,14 @@
 
 from .losses import AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_whiten
 from .rollout import generate, left_pad_prompts, sample_texts
-from .trainer import PolicyAndValue, PPOConfig, PPOTrainer, disable_dropout
+from .trainer import PolicyAndValue, PPOConfig, PPOTrainer, disable_dropout, with_lora
 
 __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "PolicyAndValue",
     "disable_dropout",
+    "with_lora",
     "AdaptiveKLController",
     "FixedKLController",
     "gae",

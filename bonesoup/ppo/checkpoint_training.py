@@ -27,7 +27,7 @@ from .rollout import (
     sample_rollouts,
     sample_texts,
 )
-from .trainer import PPOConfig, PPOTrainer
+from .trainer import PPOConfig, PPOTrainer, with_lora
 
 __all__ = ["load_policy", "measure_reward_normalization", "train_checkpoint", "evaluate_checkpoint"]
 
@@ -66,7 +66,7 @@ def measure_reward_normalization(sft: str | os.PathLike, prompts: Sequence[str],
 def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewards: Sequence[str | RewardFn],
                      weights: Sequence[float], prompts: Sequence[str], config: PPOConfig,
                      normalization: RewardNormalization | None = None, separate_critic: bool = False,
-                     force: bool = False, progress: bool = True, metadata: dict | None = None,
+                     lora_rank: int | None = None, force: bool = False, progress: bool = True, metadata: dict | None = None,
                      device: str | torch.device | None = None) -> list[dict]:
     """Train a policy from the SFT checkpoint ``sft`` on ``sum_i weights[i] * norm(r_i)`` and save it to ``out_dir``.
 
@@ -74,18 +74,24 @@ def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewa
     ``train_log.jsonl``, ``train_log.png`` and ``bonesoup-train.json``
     (config, weights, reward names, normalisation), written atomically; it is
     a checkpoint that ``merge_checkpoints`` and ``LiveSoup`` take as is.
-    Under ``torchrun`` every process calls this and the main one writes.
+    ``lora_rank``: train LoRA adapters of that rank (optional ``peft``
+    package) against the adapter-free base as the reference; the output is
+    still a full checkpoint (adapters merged). Under ``torchrun`` every
+    process calls this and the main one writes.
 
     Returns the per-step statistics.
     """
     fns, names = _reward_fns(rewards)
     reward = CombinedReward(fns, weights, names=names, normalization=normalization)
     policy, tok = load_policy(sft)
+    if lora_rank is not None:
+        policy = with_lora(policy, lora_rank)
     critic = load_policy(sft)[0] if separate_critic else None
     trainer = PPOTrainer(config, policy, tok, reward, prompts, critic=critic, device=device)
     meta = {"sft": str(Path(sft).absolute()), "rewards": names, "weights": list(map(float, reward.weights)),
             "normalization": normalization.to_dict() if normalization else None,
-            "value_model": "separate" if separate_critic else "shared", **(metadata or {})}
+            "value_model": "separate" if separate_critic else "shared", "lora_rank": lora_rank,
+            **(metadata or {})}
     return trainer.train(out_dir=out_dir, force=force, progress=progress, metadata=meta)
 
 

@@ -60,7 +60,7 @@ from .rollout import (
     sample_uniforms,
 )
 
-__all__ = ["PPOConfig", "PolicyAndValue", "PPOTrainer", "disable_dropout", "DistInfo", "init_distributed"]
+__all__ = ["PPOConfig", "PolicyAndValue", "PPOTrainer", "disable_dropout", "with_lora", "DistInfo", "init_distributed"]
 
 
 @dataclass
@@ -211,7 +211,7 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
-        hidden = (critic or policy).config.hidden_size
+        hidden = (critic if critic is not None else policy).config.hidden_size
         # Zero init: the first value estimates are 0, the first advantages the whitened rewards.
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -264,6 +264,40 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    """A peft ``PeftModel`` (LoRA adapters that can be disabled); peft itself is not imported."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def with_lora(policy: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+              target_modules: Sequence[str] | str | None = None) -> nn.Module:
+    """Wrap a causal LM with trainable LoRA adapters (needs the optional ``peft`` package).
+
+    Only the adapters (and the value head) are trained; :class:`PPOTrainer`
+    then uses the same model with adapters disabled as the reference, so no
+    second copy of the weights is held. ``target_modules`` None: peft's
+    default for the architecture.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs the optional 'peft' package: pip install peft") from None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+                     target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(policy, cfg)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, under whichever name this transformers uses."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _sample_seed(seed: int, step: int, index: int) -> int:
     """Seed of rollout ``index`` of the global batch at ``step``: depends on nothing else."""
     return ((seed * 1_000_003 + step) * 1_048_573 + index) % (2**63 - 1)
@@ -292,7 +326,9 @@ class PPOTrainer:
     prompts : sequence of str
         Prompts to draw from (with replacement, seeded per step).
     ref_model : causal LM, optional
-        Frozen reference; default a frozen copy of ``policy`` as given (the SFT model).
+        Frozen reference; default a frozen copy of ``policy`` as given (the SFT
+        model), or for a LoRA policy (:func:`with_lora`) the base model with
+        the adapters disabled.
     critic : causal LM, optional
         A separate trunk for the value head (default: the policy's trunk).
     objective_names : sequence of str, optional
@@ -323,15 +359,23 @@ class PPOTrainer:
         names = objective_names if objective_names is not None else getattr(reward_fn, "names", None)
         self.objective_names = list(names) if names is not None else None
 
-        # The reference is the policy as given (the SFT model), frozen; copied before anything changes it.
-        self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
-        self.ref_model.to(self.device).eval().requires_grad_(False)
-        disable_dropout(self.ref_model)
+        # The reference is the policy as given (the SFT model), frozen: a copy made before anything
+        # changes it or, for a peft (LoRA) policy, the same model with its adapters disabled (no copy).
+        self.lora = _is_peft_model(policy)
+        if ref_model is not None:
+            self.ref_model = ref_model
+        elif self.lora:
+            self.ref_model = None
+        else:
+            self.ref_model = copy.deepcopy(policy)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device).eval().requires_grad_(False)
+            disable_dropout(self.ref_model)
         for m in (policy, critic):
             if m is not None:
                 disable_dropout(m)
                 if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
-                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    _enable_checkpointing(m)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.module = PolicyAndValue(policy, critic).to(self.device)
@@ -375,6 +419,12 @@ class PPOTrainer:
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: v / self.dist.world for k, v in zip(keys, t.tolist())}
+
+    def _ref_logits(self, x: torch.Tensor, a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if self.ref_model is None:  # LoRA: the base model is the reference
+            with self.module.policy.disable_adapter():
+                return self.module.policy(input_ids=x, attention_mask=a, position_ids=p, use_cache=False).logits
+        return self.ref_model(input_ids=x, attention_mask=a, position_ids=p, use_cache=False).logits
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -479,8 +529,7 @@ class PPOTrainer:
                     x, a, p = ids[mb].to(dev), attn[mb].to(dev), pos[mb].to(dev)
                     with self._autocast():
                         logits, values = self.module(x, a, p)
-                        ref_logits = self.ref_model(input_ids=x, attention_mask=a, position_ids=p,
-                                                    use_cache=False).logits
+                        ref_logits = self._ref_logits(x, a, p)
                     lg = response_logits(logits, P)
                     old_logp[mb] = logprobs_from_logits(lg, response[mb].to(dev), c.temperature).cpu()
                     old_values[mb] = values[:, P - 1:-1].cpu()
@@ -630,6 +679,14 @@ class PPOTrainer:
         return records
 
     def save_policy(self, out_dir: str | os.PathLike) -> None:
-        """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``."""
-        self.policy.save_pretrained(out_dir)
+        """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``.
+
+        A LoRA policy is saved with its adapters merged into a copy of the
+        base weights: a full checkpoint with the SFT model's keys, which is what
+        the merges (``merge_checkpoints``, ``LiveSoup``) combine.
+        """
+        policy = self.policy
+        if self.lora:
+            policy = copy.deepcopy(policy).merge_and_unload()
+        policy.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
