@@ -47,7 +47,11 @@ setup(
     extras_require={
         "models": ["transformers>=4.40", "tokenizers"],
         "gpu": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "triton>=3.0", "transformers>=4.40", "tokenizers"],
+        "train": ["transformers>=4.40", "tokenizers", "vaderSentiment>=3.3", "matplotlib"],
+        "lora": ["peft>=0.13"],
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "hypothesis", "triton>=3.0", "transformers>=4.40", "tokenizers", "vaderSentiment>=3.3",
+                 "matplotlib"],
     },
     entry_points={"console_scripts": ["bonesoup=bonesoup.cli:main"]},
     zip_safe=False,
