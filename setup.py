@@ -47,7 +47,7 @@ setup(
     extras_require={
         "models": ["transformers>=4.40", "tokenizers"],
         "gpu": ["triton>=3.0"],
-        "train": ["transformers>=4.40", "tokenizers", "vaderSentiment>=3.3", "matplotlib"],
+        "train": ["transformers>=4.56", "tokenizers", "vaderSentiment>=3.3", "matplotlib"],
         "lora": ["peft>=0.13"],
         "serve": ["fastapi", "uvicorn"],
         "test": ["pytest", "hypothesis", "triton>=3.0", "transformers>=4.40", "tokenizers", "vaderSentiment>=3.3",
