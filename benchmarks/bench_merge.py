@@ -65,6 +65,18 @@ def timeit(fn, device: str, repeats: int, warmup: int = 1) -> list[float]:
     return samples
 
 
+def run_info(device: str) -> dict:
+    """When, where and how a benchmark ran (printed and written with its results)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        "cpu": sk.cpu_info(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+
+
 class CopyBandwidth:
     """Bytes/s of a large preallocated copy ``dst.copy_(src)``, counting read + write."""
 
@@ -209,14 +221,7 @@ def main(argv=None) -> int:
         sizes = [1 << 20, 1 << 24, 1 << 26, 1 << 28]
     copy_bytes = (256 << 20) if args.quick else (1 << 30)
     copy = CopyBandwidth(device, copy_bytes)
-    info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
-        "cpu": sk.cpu_info(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
-    }
+    info = run_info(device)
     rows = []
     for dt_name in args.dtypes:
         for n in args.n:

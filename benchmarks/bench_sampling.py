@@ -26,15 +26,13 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
-from datetime import datetime, timezone
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import timeit  # noqa: E402  (same timing rules: CUDA events on GPU)
+from bench_merge import run_info, timeit  # noqa: E402  (same timing rules: CUDA events on GPU)
 
 import soupkernels as sk  # noqa: E402
 
@@ -115,14 +113,7 @@ def main(argv=None) -> int:
     if args.acceptance:
         args.B, args.V, args.M = [8], [128256], [3]
     device = args.device
-    info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
-        "cpu": sk.cpu_info(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
-    }
+    info = run_info(device)
     rows = []
     for B, V, M, filt in itertools.product(args.B, args.V, args.M, args.filters):
         rows.append(bench_row(B, V, M, filt, DTYPES[args.dtype], device, args.repeats))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from soupkernels._dtypes import DTYPE_CODE
+from soupkernels.triton_merge import _ORDER, _as_ptr
 
 BLOCK = 1024  # elements per step of the combine and walk loops
 CHUNK = 8 * BLOCK  # elements per combine program
@@ -43,18 +43,11 @@ _COMPILED = dict(BLOCK=BLOCK, CHUNK=CHUNK, SEARCH_BLOCK=SEARCH_BLOCK)
 
 def _sizes(dev: torch.device) -> dict:
     return _COMPILED if dev.type == "cuda" else _INTERPRETED
-_ORDER = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
 def _load_input(addrs, strides, j, b, idx, mask, CODE: tl.constexpr):
-    addr = tl.load(addrs + j)
-    if CODE == 0:
-        p = addr.to(tl.pointer_type(tl.float32))
-    elif CODE == 1:
-        p = addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        p = addr.to(tl.pointer_type(tl.float16))
+    p = _as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
     return tl.load(p + b * tl.load(strides + j) + idx, mask=mask, other=0.0).to(tl.float32)
 
 

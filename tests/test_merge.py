@@ -14,20 +14,14 @@ from hypothesis import strategies as st
 
 import soupkernels as sk
 from merge_checks import assert_merged
+from kernel_paths import simd_levels, use_backend
 from soupkernels import backend as sk_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 1023, 1_000_003]
 
 
-def _simd_levels():
-    if sk_backend._C is None:
-        return []
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(sk_backend._C.best_simd()) + 1]
-
-
-BACKENDS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in _simd_levels()] + [
+BACKENDS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
     pytest.param(("triton", None), id="triton-interp"),
     pytest.param(("torch", None), id="torch"),
 ]
@@ -35,16 +29,7 @@ BACKENDS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in _simd_levels()] + [
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    name, simd = request.param
-    if name == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("SOUPKERNELS_BACKEND", name)
-    if simd is not None:
-        prev = sk_backend._C.simd()
-        sk_backend._C.set_simd(simd)
-        yield name
-        sk_backend._C.set_simd(prev)
-    else:
+    with use_backend(monkeypatch, *request.param) as name:
         yield name
 
 
@@ -173,7 +158,7 @@ def test_cpp_matches_rounding_of_torch_casts():
         dtype=torch.float32,
     )
     x = torch.cat([x, specials])
-    for level in _simd_levels():
+    for level in simd_levels():
         prev = sk_backend._C.simd()
         sk_backend._C.set_simd(level)
         try:
@@ -372,7 +357,7 @@ def test_scalar_path_tails_round_like_the_body():
     """An element's value must not depend on whether it falls in a vector block or the tail."""
     if sk_backend._C is None:
         pytest.skip("C++ extension not built")
-    for level in _simd_levels():
+    for level in simd_levels():
         prev = sk_backend._C.simd()
         sk_backend._C.set_simd(level)
         try:

@@ -23,35 +23,20 @@ from hypothesis import strategies as st
 
 import soupkernels as sk
 from sampling_checks import chi_square_pvalue, warped_probs
+from kernel_paths import simd_levels, use_backend
 from soupkernels import backend as sk_backend
 from soupkernels.philox import philox_uniform
 from soupkernels.sampling_reference import guided_logits_reference, guided_sample_reference, kept_mask_reference
 
 
-def _simd_levels():
-    if sk_backend._C is None:
-        return []
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(sk_backend._C.best_simd()) + 1]
-
-
-KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in _simd_levels()] + [
+KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
     pytest.param(("triton", None), id="triton-interp")
 ]
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
-    name, simd = request.param
-    if name == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("SOUPKERNELS_BACKEND", name)
-    if simd is not None:
-        prev = sk_backend._C.simd()
-        sk_backend._C.set_simd(simd)
-        yield name
-        sk_backend._C.set_simd(prev)
-    else:
+    with use_backend(monkeypatch, *request.param) as name:
         yield name
 
 
