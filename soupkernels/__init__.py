@@ -18,4 +18,8 @@ __all__ = [
     "merge_reference",
     "guided_sample",
     "guided_logits",
-    "backend_for", "cpu_info", "BACKENDS", "__version__"]
+    "backend_for",
+    "cpu_info",
+    "BACKENDS",
+    "__version__",
+]
