@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -247,20 +246,21 @@ def test_cpp_vocabulary_split_across_threads_changes_nothing(kw):
     """Batch 1 splits a row's vocabulary over the threads; the token and log-prob must not change."""
     if sk_backend._C is None:
         pytest.skip("needs the C++ extension")
-    from soupkernels.cpp_sampling import guided_sample_cpp
+    import numpy as np
+
+    from soupkernels.cpp_sampling import guided_sample_cpp_packed
 
     gen = torch.Generator().manual_seed(12)
     V = 3 * 8192 + 77  # several of the kernel's fixed chunks, and a ragged end
     xs = [torch.randn(1, V, generator=gen) * 3, (torch.randn(1, V, generator=gen) * 3).bfloat16()]
     c = torch.tensor([[1.0, -0.5]])
-    f = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
-    i = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
+    fp = np.array([[kw["temperature"]], [kw.get("top_p", 1.0)], [kw.get("min_p", 0.0)]], dtype=np.float32)
     results = set()
     for seed in range(20):
+        ip = np.array([[kw.get("top_k", 0)], [seed], [0]], dtype=np.int64)
         for threads in (1, 2, 3):
             tok, lp = torch.empty(1, dtype=torch.int64), torch.empty(1)
-            guided_sample_cpp(xs, c, f(kw["temperature"]), i(kw.get("top_k", 0)), f(kw.get("top_p", 1.0)),
-                              f(kw.get("min_p", 0.0)), i(seed), i(0), tok, lp, num_threads=threads)
+            guided_sample_cpp_packed(xs, c, fp, ip, tok, lp, num_threads=threads)
             results.add((seed, tok.item(), lp.item()))
     assert len(results) == 20  # one (token, log-prob) per seed, whatever the thread count
 
