@@ -12,6 +12,7 @@ from bonesoup.coefficients import (
     bone_coefficients,
     fold_extrapolation,
     merge_coefficients,
+    per_objective_extrapolation,
     rewarded_soup_coefficients,
     validate_preference,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "rewarded_soup_coefficients",
     "fold_extrapolation",
     "merge_coefficients",
+    "per_objective_extrapolation",
     "validate_preference",
     "merge_checkpoints",
     "LiveSoup",

@@ -28,6 +28,7 @@ __all__ = [
     "bone_coefficients",
     "rewarded_soup_coefficients",
     "fold_extrapolation",
+    "per_objective_extrapolation",
     "merge_coefficients",
 ]
 
@@ -146,6 +147,55 @@ def fold_extrapolation(lambdas: Sequence[float], alpha: float) -> tuple[np.ndarr
     if not math.isfinite(a):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     return (1.0 + a) * lam, -a
+
+
+def per_objective_extrapolation(
+    preference: Sequence[float],
+    k: Sequence[float],
+    *,
+    method: str = "bone",
+    beta: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """Merge coefficients with one extrapolation factor per objective, folded into one merge.
+
+    The Bone Soup reference code extrapolates each objective's merge away
+    from the SFT model by its own factor ``k_i = 1 / (1 - a_i)`` (``a_i``
+    picked on a validation slice to maximise reward i) and mixes the results
+    with the preference. With ``lambda^(i) = B^-1 e_i`` the merge for
+    objective i alone, that is::
+
+        theta = sum_i mu_i (k_i sum_j lambda^(i)_j theta_j + (1 - k_i) theta_sft)
+
+    so the backbone coefficients are ``c_j = sum_i mu_i k_i (B^-1 e_i)_j`` and
+    the SFT coefficient is ``c_sft = sum_i mu_i (1 - k_i)``: still ONE
+    weighted sum over n + 1 inputs. ``method="rewarded"`` uses B = I (the
+    experts, ``c_j = mu_j k_j``). One factor for every objective,
+    ``k_i = 1 + alpha``, gives :func:`fold_extrapolation`'s coefficients.
+
+    Parameters
+    ----------
+    preference : [n] on the simplex
+    k : [n] finite factors, each > 0 (1 = no extrapolation; > 1 away from the SFT model)
+    method : {"bone", "rewarded"}
+    beta : float, required for ``"bone"``
+
+    Returns ``(backbone coefficients [n] float64, SFT coefficient float)``.
+    """
+    if method not in ("bone", "rewarded"):
+        raise ValueError(f"method must be 'bone' or 'rewarded', got {method!r}")
+    mu = validate_preference(preference)
+    n = _validate_n(mu.size)
+    kk = np.asarray(k, dtype=np.float64)
+    if kk.shape != (n,) or not np.all(np.isfinite(kk)) or np.any(kk <= 0):
+        raise ValueError(f"k must hold {n} finite factors > 0 (one per objective), got {k!r}")
+    if method == "bone":
+        if beta is None:
+            raise ValueError("beta is required for method='bone'")
+        lam = np.linalg.inv(backbone_matrix(n, validate_beta(beta)))  # column i = B^-1 e_i
+    else:
+        lam = np.eye(n)
+    c = lam @ (mu * kk)
+    return c, float(np.sum(mu * (1.0 - kk)))
 
 
 def merge_coefficients(

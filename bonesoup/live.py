@@ -22,6 +22,7 @@ next to the merge and keep the guarantee obvious.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -313,6 +314,32 @@ class LiveSoup:
         weights. Returns a :class:`RemergeInfo`.
         """
         coeffs = self.coefficients(preference, alpha)  # validates before taking the lock
+        return self._remerge(coeffs, [float(x) for x in preference], float(alpha))
+
+    def set_coefficients(self, coefficients: Sequence[float]) -> RemergeInfo:
+        """Re-merge with raw coefficients over the stored rows (backbones, then the SFT model if stored).
+
+        For merges that a preference and one ``alpha`` do not describe:
+        per-objective extrapolation (:func:`~bonesoup.per_objective_extrapolation`;
+        with ``store="delta"`` pass the coefficients of the full models, they
+        are folded here), value models merged with their own weights, or a
+        one-hot row to serve one stored model as is (bit for bit: ``1 * x +
+        0 * y`` in fp32). Same atomicity as :meth:`set_preference`; the
+        returned info's ``preference`` is empty and ``alpha`` NaN.
+        """
+        k = self.n + (1 if self._has_sft else 0)
+        try:
+            c = [float(x) for x in coefficients]
+        except (TypeError, ValueError):
+            raise TypeError(f"coefficients must be a sequence of {k} numbers, got {coefficients!r}") from None
+        if len(c) != k or not all(math.isfinite(x) for x in c):
+            raise ValueError(f"coefficients must hold {k} finite numbers (backbones"
+                             f"{', then the SFT model' if self._has_sft else ''}), got {coefficients!r}")
+        if self.store == "delta":
+            c[-1] += sum(c[:-1])
+        return self._remerge(c, [], float("nan"))
+
+    def _remerge(self, coeffs: list[float], preference: list[float], alpha: float) -> RemergeInfo:
         cuda = self.device.type == "cuda"
         with self._lock.write():
             if cuda:
@@ -324,11 +351,11 @@ class LiveSoup:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
             self.version += 1
-            self.preference = [float(x) for x in preference]
-            self.alpha = float(alpha)
+            self.preference = preference or None
+            self.alpha = alpha
             version = self.version
         k = len(coeffs)
-        return RemergeInfo(version, list(self.preference), self.alpha, coeffs, seconds,
+        return RemergeInfo(version, list(preference), alpha, coeffs, seconds,
                            (k + 1) * self.param_bytes, len(self._arenas))
 
     def __repr__(self) -> str:

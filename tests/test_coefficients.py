@@ -151,3 +151,31 @@ def test_merge_coefficients_is_the_chain():
         merge_coefficients([0.5, 0.5], beta=0.7, n=3)
     with pytest.raises(ValueError, match="method must be"):
         merge_coefficients([0.5, 0.5], method="ties")
+
+
+def test_per_objective_extrapolation_closed_form():
+    from bonesoup import per_objective_extrapolation
+
+    beta, mu, k = 0.7, np.array([0.3, 0.7]), np.array([1.25, 2.0])
+    Binv = np.linalg.inv(backbone_matrix(2, beta))
+    c, c_sft = per_objective_extrapolation(mu, k, beta=beta)
+    # Mix the per-objective extrapolated merges by hand, objective by objective.
+    want = sum(mu[i] * k[i] * Binv[:, i] for i in range(2))
+    np.testing.assert_allclose(c, want, rtol=0, atol=1e-15)
+    assert c_sft == pytest.approx(0.3 * (1 - 1.25) + 0.7 * (1 - 2.0), abs=1e-15)
+    # Coefficients still sum to 1: each objective's extrapolated merge does.
+    assert c.sum() + c_sft == pytest.approx(1.0, abs=1e-12)
+    # One factor for all objectives is fold_extrapolation with alpha = k - 1.
+    c1, s1 = per_objective_extrapolation(mu, [1.3, 1.3], beta=beta)
+    c2, s2 = fold_extrapolation(bone_coefficients(mu, beta), 0.3)
+    np.testing.assert_allclose(c1, c2, atol=1e-14)
+    assert s1 == pytest.approx(s2, abs=1e-14)
+    # Rewarded Soup: B = I.
+    c3, s3 = per_objective_extrapolation(mu, k, method="rewarded")
+    np.testing.assert_allclose(c3, mu * k, atol=0)
+    with pytest.raises(ValueError, match="k must hold 2"):
+        per_objective_extrapolation(mu, [1.0], beta=beta)
+    with pytest.raises(ValueError, match="k must hold"):
+        per_objective_extrapolation(mu, [1.0, 0.0], beta=beta)
+    with pytest.raises(ValueError, match="beta is required"):
+        per_objective_extrapolation(mu, k)

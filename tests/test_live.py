@@ -163,3 +163,44 @@ def test_cuda_live_soup_matches_cpu(tiny):
     assert info.launches == 1
     for name, w in cpu.state_dict().items():
         torch.testing.assert_close(gpu.state_dict()[name].cpu(), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("store", ["full", "delta"])
+def test_set_coefficients_one_hot_is_bit_for_bit_and_matches_set_preference(tiny, store):
+    from safetensors.torch import load_file
+    from bonesoup.coefficients import per_objective_extrapolation
+    from bonesoup.checkpoint import CheckpointDir
+
+    root, sft, bbs = tiny
+    model = _load(sft)
+    soup = LiveSoup(model, bbs, beta=0.7, sft=sft, store=store)
+
+    def stored(path):
+        ck = CheckpointDir(path)
+        out = {}
+        for f in set(ck.weight_map.values()):
+            out.update(load_file(ck.path / f))
+        return out
+
+    # One-hot rows serve each stored model exactly (store="delta" refolds: d_j + s is not bit-exact).
+    if store == "full":
+        for j, path in enumerate([*bbs, sft]):
+            c = [0.0] * 3
+            c[j] = 1.0
+            info = soup.set_coefficients(c)
+            want = stored(path)
+            for name, w in model.state_dict().items():
+                key = name if name in want else "transformer.wte.weight"  # tied head
+                assert torch.equal(w, want[key]), (j, name)
+            assert info.preference == [] and soup.preference is None
+    # Raw coefficients equal to what set_preference computes give the same weights bit for bit.
+    soup.set_preference([0.3, 0.7], alpha=0.25)
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    c, c_sft = per_objective_extrapolation([0.3, 0.7], [1.25, 1.25], beta=0.7)
+    soup.set_coefficients([*c, c_sft])
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(w, a[name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="coefficients must hold 3 finite"):
+        soup.set_coefficients([1.0, 0.0])
+    with pytest.raises(ValueError, match="coefficients must hold 3 finite"):
+        soup.set_coefficients([1.0, 0.0, float("nan")])
