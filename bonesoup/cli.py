@@ -120,7 +120,7 @@ def _demo(args) -> int:
 
 
 _BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py", "remerge": "bench_remerge.py",
-            "serve": "bench_serve_load.py", "sampling": "bench_sampling.py"}
+            "serve": "bench_serve_load.py", "sampling": "bench_sampling.py", "guidance": "bench_guidance.py"}
 
 
 def _add_bench(sub) -> None:
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bonesoup.train_cli import add_train_parsers
 
     add_train_parsers(sub)
+    from bonesoup.experiment import add_experiment_parser
+
+    add_experiment_parser(sub)
     return parser
 
 
