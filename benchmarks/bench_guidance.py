@@ -152,7 +152,6 @@ def run(args) -> dict:
                          "speed_vs_mod": tps[m] / tps["mod"], "read_mib_per_step": read / 2**20,
                          "resident_decode_mib": read / 2**20, "resident_with_inputs_mib": (read + stored * one) / 2**20,
                          "seconds": samples[m]})
-        del configs, experts, merged
     return {"info": run_info(args.device), "preset": preset, "dtype": args.dtype, "batch": args.batch,
             "prompt": args.prompt, "tokens": args.tokens, "w": args.w, "merge_seconds": merges, "rows": rows}
 
