@@ -3,8 +3,11 @@
 Knows models, checkpoints and preferences: merge coefficients, checkpoint
 I/O, the offline merge, live re-merge inside a serving process (LiveSoup),
 PPO training of backbones on combined rewards (``bonesoup.ppo``,
-``bonesoup.rewards``, the embedded task ``bonesoup.task``) and the command
-line (``bonesoup --help``).
+``bonesoup.rewards``, the embedded task ``bonesoup.task``), MAGE guidance
+(value models merged into one proxy: ``bonesoup.values``,
+``bonesoup.value_training``; decoding: ``bonesoup.mage``), metrics
+(``bonesoup.metrics``), the experiment (``bonesoup.experiment``) and the
+command line (``bonesoup --help``).
 """
 
 from bonesoup.coefficients import (
@@ -46,13 +49,19 @@ __all__ = [
 
 # Guided decoding (MAGE stage 2) imports transformers; load it on first use so that
 # `import bonesoup` stays light for the merge paths.
-_GUIDED = ("GuidanceLogitsProcessor", "GuidedGeneration", "guided_generate")
-__all__ += list(_GUIDED)
+_LAZY = {
+    "GuidanceLogitsProcessor": "guided", "GuidedGeneration": "guided", "guided_generate": "guided",
+    "mage_generate": "mage", "mod_generate": "mage", "ChunkSearch": "mage",
+    "ValueSoup": "values", "Guidance": "values", "implicit_guidance": "values", "explicit_guidance": "values",
+    "train_value_models": "value_training", "hypervolume": "metrics", "controllability": "metrics",
+    "pareto_front": "metrics", "run_experiment": "experiment", "ExperimentConfig": "experiment",
+}
+__all__ += list(_LAZY)
 
 
 def __getattr__(name):
-    if name in _GUIDED:
-        from bonesoup import guided
+    if name in _LAZY:
+        import importlib
 
-        return getattr(guided, name)
+        return getattr(importlib.import_module(f"bonesoup.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'bonesoup' has no attribute {name!r}")

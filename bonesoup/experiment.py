@@ -47,9 +47,11 @@ __all__ = ["ExperimentConfig", "QUICK", "run_experiment", "METHODS"]
 #: Method names, in table order (MORLHF last: it has points only where trained).
 METHODS = ("rewarded_soup", "bone_soup", "bone_soup_extrapolated", "mod", "mage_implicit", "mage_explicit",
            "morlhf")
+#: Evaluated only when ``ExperimentConfig.search_candidates > 0``.
+SEARCH_METHOD = "mage_explicit_search"
 LABELS = {"rewarded_soup": "Rewarded Soup", "bone_soup": "Bone Soup", "bone_soup_extrapolated": "Bone Soup + extrap.",
           "mod": "MOD (n experts' logits)", "mage_implicit": "MAGE implicit", "mage_explicit": "MAGE explicit",
-          "morlhf": "MORLHF (oracle)"}
+          "mage_explicit_search": "MAGE explicit + chunk search", "morlhf": "MORLHF (oracle)"}
 
 
 @dataclass
@@ -79,7 +81,15 @@ class ExperimentConfig:
     temperature: float = 1.0
     max_new_tokens: int = 20
     hv_margin: float = 0.01
+    #: Chunk-level search (MAGE explicit, K candidates of L tokens scored by the merged value model); 0 = off.
+    search_candidates: int = 0
+    search_chunk_tokens: int = 4
     threads: int | None = None
+
+    def methods(self) -> tuple:
+        """The methods this configuration evaluates, in table order."""
+        extra = (SEARCH_METHOD,) if self.search_candidates > 0 else ()
+        return METHODS[:-1] + extra + METHODS[-1:]
 
     def check(self) -> None:
         if len(self.rewards) != 2 and self.morlhf:
@@ -255,7 +265,7 @@ class _Methods:
             return [self.bone_ext.model], [1.0]
         if method == "mod":
             return self.experts, mu
-        if method in ("mage_implicit", "mage_explicit"):
+        if method in ("mage_implicit", "mage_explicit", SEARCH_METHOD):
             kind = method.split("_")[1]
             soup = self.implicit if kind == "implicit" else self.explicit
             self.bone.set_preference(mu)
@@ -330,7 +340,7 @@ def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, pro
     _log(f"seed {seed}: validation picked a = {tuned['a']}, w = {tuned['w']} ({time.perf_counter() - t0:.0f} s)")
     prefs = preference_grid(cfg.points)
     res = {"tuned": tuned, "points": {}}
-    todo = [m for m in METHODS if m != "morlhf"]
+    todo = [m for m in cfg.methods() if m != "morlhf"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -338,8 +348,13 @@ def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, pro
         bar = tqdm(total=len(todo) * len(prefs), desc=f"evaluate seed {seed}", unit="point")
     for m in todo:
         pts = []
+        search = None
+        if m == SEARCH_METHOD:
+            from bonesoup.mage import ChunkSearch
+
+            search = ChunkSearch(methods.explicit.model, cfg.search_candidates, cfg.search_chunk_tokens)
         for mu in prefs:
-            pts.append(test(*methods.set(m, mu), sample_seed).tolist())
+            pts.append(test(*methods.set(m, mu), sample_seed, search=search).tolist())
             if bar is not None:
                 bar.update()
         res["points"][m] = pts
@@ -366,7 +381,7 @@ def summarize(cfg: ExperimentConfig, per_seed: dict) -> dict:
     allpts += [np.asarray(list(r["morlhf"].values())) for r in per_seed.values()]
     ref = np.min(np.concatenate(allpts), axis=0) - cfg.hv_margin
     out = {"reference_point": ref.tolist(), "methods": {}}
-    for m in METHODS:
+    for m in cfg.methods():
         hv, ctrl, per_obj = [], [], []
         for r in per_seed.values():
             if m == "morlhf":
@@ -384,13 +399,13 @@ def summarize(cfg: ExperimentConfig, per_seed: dict) -> dict:
                              "controllability": ctrl, "ctrl_mean": float(np.nanmean(ctrl)),
                              "ctrl_std": float(np.nanstd(ctrl)), "ctrl_per_objective": np.nanmean(per_obj, 0).tolist(),
                              "mean_points": mean_pts.tolist()}
-    hv = {m: np.asarray(out["methods"][m]["hypervolume"]) for m in METHODS}
+    hv = {m: np.asarray(out["methods"][m]["hypervolume"]) for m in cfg.methods()}
     out["comparisons"] = {
         f"{a} > {b}": {"seeds_won": int(np.sum(hv[a] > hv[b])), "seeds": len(hv[a]),
                         "mean_difference": float(np.mean(hv[a] - hv[b]))}
         for a, b in (("bone_soup", "rewarded_soup"), ("bone_soup_extrapolated", "rewarded_soup"),
                      ("mage_implicit", "bone_soup"), ("mage_explicit", "bone_soup"), ("mage_implicit", "mod"),
-                     ("mage_explicit", "mod"))}
+                     ("mage_explicit", "mod"), (SEARCH_METHOD, "mage_explicit")) if b in hv and a in hv}
     return out
 
 
@@ -399,7 +414,7 @@ def format_table(cfg: ExperimentConfig, summary: dict) -> str:
     lines = [f"| method | hypervolume (ref {np.round(summary['reference_point'], 3).tolist()}) | "
              f"controllability (Spearman, mean of {len(cfg.rewards)}) | per objective |",
              "|---|---|---|---|"]
-    for m in METHODS:
+    for m in cfg.methods():
         s = summary["methods"][m]
         lines.append(f"| {LABELS[m]} | {s['hv_mean']:.4f} +- {s['hv_std']:.4f} | "
                      f"{s['ctrl_mean']:.3f} +- {s['ctrl_std']:.3f} | "
@@ -420,8 +435,9 @@ def plot_pareto(cfg: ExperimentConfig, summary: dict, per_seed: dict, path: Path
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     styles = {"rewarded_soup": ("tab:gray", "o--"), "bone_soup": ("tab:blue", "s-"),
               "bone_soup_extrapolated": ("tab:cyan", "s:"), "mod": ("tab:orange", "^--"),
-              "mage_implicit": ("tab:green", "D-"), "mage_explicit": ("tab:red", "v-"), "morlhf": ("black", "*")}
-    for m in METHODS:
+              "mage_implicit": ("tab:green", "D-"), "mage_explicit": ("tab:red", "v-"),
+              SEARCH_METHOD: ("tab:purple", "P-"), "morlhf": ("black", "*")}
+    for m in cfg.methods():
         pts = np.asarray(summary["methods"][m]["mean_points"])
         color, style = styles[m]
         s = summary["methods"][m]

@@ -14,7 +14,8 @@ from bonesoup.experiment import METHODS, ExperimentConfig, preference_grid, run_
 
 TOY = dict(seeds=(0,), seed_mode="train", ppo_steps=2, ppo_batch_size=16, morlhf=(0.5,), value_samples=64,
            value_steps=3, points=3, eval_samples_per_prompt=1, val_prompts=4, val_samples_per_prompt=1,
-           extrapolation_grid=(0.0, 0.3), w_implicit_grid=(0.5,), w_explicit_grid=(1.0, 2.0), threads=1)
+           extrapolation_grid=(0.0, 0.3), w_implicit_grid=(0.5,), w_explicit_grid=(1.0, 2.0), threads=1,
+           search_candidates=2, search_chunk_tokens=5)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,14 @@ def test_every_method_is_evaluated_and_written(toy_run):
     assert (out / "results.json").is_file() and (out / "results.md").is_file() and (out / "pareto.png").is_file()
     saved = json.loads((out / "results.json").read_text())
     s = saved["summary"]
-    assert set(s["methods"]) == set(METHODS)
-    for m in METHODS:
+    methods = ExperimentConfig(**TOY).methods()
+    assert set(METHODS) < set(methods) and "mage_explicit_search" in methods
+    assert set(s["methods"]) == set(methods)
+    for m in methods:
         hv = s["methods"][m]["hypervolume"]
         assert len(hv) == 1 and np.isfinite(hv[0]) and hv[0] >= 0
     seed = saved["per_seed"]["0"]
-    for m in METHODS:
+    for m in methods:
         if m != "morlhf":
             assert np.asarray(seed["points"][m]).shape == (3, 2)
     assert set(seed["morlhf"]) == {"0.0", "0.5", "1.0"}  # experts at the ends + the trained oracle
