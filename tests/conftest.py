@@ -43,3 +43,17 @@ def load_benchmark():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    With two OpenMP threads on a busy 2-core machine a tiny model's forward
+    takes ~100x longer (spinning threads); one thread keeps such files at
+    seconds. The previous count is restored after the module.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

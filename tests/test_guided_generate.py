@@ -14,14 +14,7 @@ from bonesoup.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
 PROMPTS = ["The user asks", "Waves roll in, grey and slow", "Hi", "Thank you for the clear"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: with two OpenMP threads on a busy 2-core machine a forward takes
-    # ~100x longer (spinning threads); one thread keeps the file at a few seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

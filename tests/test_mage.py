@@ -16,12 +16,7 @@ from bonesoup.values import ValueSoup, explicit_guidance, guidance_logits, impli
 PROMPTS = ["The user asks", "Waves roll in, grey and slow", "Hi", "Thank you for the clear"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
