@@ -133,6 +133,10 @@ class _Models:
         self.sft_fp = json.loads((sft / "bonesoup-sft.json").read_text())["fingerprint"]
         self.n = len(cfg.rewards)
         self.trained: list[str] = []
+        from bonesoup.task import task_prompts
+
+        # The training prompts come from code: hash them too, so a change there is a new model.
+        self.prompts_fp = hashlib.sha256("\n".join(task_prompts("train")).encode()).hexdigest()[:16]
 
     def _ppo(self, name: str, weights) -> Path:
         from bonesoup.ppo.checkpoint_training import train_checkpoint
@@ -142,7 +146,7 @@ class _Models:
         c = self.cfg
         config = PPOConfig(steps=c.ppo_steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
                            max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed)
-        key = _hash({"sft": self.sft_fp, "rewards": c.rewards, "weights": [round(float(x), 10) for x in weights],
+        key = _hash({"sft": self.sft_fp, "prompts": self.prompts_fp, "rewards": c.rewards, "weights": [round(float(x), 10) for x in weights],
                      "ppo": dataclasses.asdict(config), "torch": torch.__version__})
         out = self.root / "models" / f"{name}-seed{self.seed}-{key}"
         if (out / "config.json").is_file():
@@ -170,7 +174,7 @@ class _Models:
         from bonesoup.value_training import train_value_models
 
         c = self.cfg
-        key = _hash({"sft": self.sft_fp, "rewards": c.rewards, "samples": c.value_samples, "steps": c.value_steps,
+        key = _hash({"sft": self.sft_fp, "prompts": self.prompts_fp, "rewards": c.rewards, "samples": c.value_samples, "steps": c.value_steps,
                      "T": c.max_new_tokens, "seed": self.seed, "torch": torch.__version__})
         outs = [self.root / "models" / f"value{i}-seed{self.seed}-{key}" for i in range(self.n)]
         if all((o / "config.json").is_file() for o in outs):
