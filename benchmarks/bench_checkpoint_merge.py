@@ -14,7 +14,7 @@ coefficients:
   of this same file (``--naive-worker``), so it needs nothing but the venv.
 
 The checkpoints are an SFT GPT-2 and n = 3 backbones (bf16, sharded) made by
-``bonesoup.tiny_models.make_tiny_backbones`` with a larger width and depth,
+``bonesoup.tasks.tiny_models.make_tiny_backbones`` with a larger width and depth,
 built once and cached under ``--workdir`` (default ``bench-out/ckpt``).
 
 Reported per case (min and median over ``--repeats``, runs interleaved): wall
@@ -239,7 +239,7 @@ def build_models(workdir: Path, preset: str, n: int, rebuild: bool) -> tuple[Pat
     import torch
 
     shape = PRESETS[preset]
-    spec = {"builder": "bonesoup.tiny_models.make_tiny_backbones", "n": n, "seed": 0, "dtype": "bfloat16", **shape}
+    spec = {"builder": "bonesoup.tasks.tiny_models.make_tiny_backbones", "n": n, "seed": 0, "dtype": "bfloat16", **shape}
     root = workdir / "models" / f"{preset}-n{n}-e{shape['n_embd']}-l{shape['n_layer']}-s{shape['shard_size']}"
     marker = root / MODEL_MARKER
     sft, backbones = root / "sft", [root / f"backbone-{j}" for j in range(n)]
@@ -250,7 +250,7 @@ def build_models(workdir: Path, preset: str, n: int, rebuild: bool) -> tuple[Pat
     print(f"[bench] building SFT + {n} backbones ({preset}: {shape}) under {root} ...", flush=True)
     import transformers
 
-    from bonesoup.tiny_models import make_tiny_backbones
+    from bonesoup.tasks.tiny_models import make_tiny_backbones
 
     transformers.logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -271,7 +271,7 @@ def weight_files(d: Path) -> list[Path]:
 
 def data_bytes(d: Path) -> int:
     """Tensor bytes in a checkpoint directory (from the safetensors headers)."""
-    from bonesoup.checkpoint import CheckpointDir
+    from bonesoup.merge.checkpoint import CheckpointDir
 
     return CheckpointDir(d).total_bytes
 
@@ -311,7 +311,7 @@ def coefficients(preference, beta, alpha) -> tuple[list[float], float]:
     lam = [(m - g) / (beta - g) for m in preference]
     c = [(1.0 + alpha) * x for x in lam]
     c_sft = -alpha
-    from bonesoup.coefficients import bone_coefficients, fold_extrapolation
+    from bonesoup.merge.coefficients import bone_coefficients, fold_extrapolation
 
     theirs, theirs_sft = fold_extrapolation(bone_coefficients(preference, beta), alpha)
     if max(abs(a - b) for a, b in zip(c, theirs)) > 1e-12 or abs(c_sft - theirs_sft) > 1e-12:
@@ -338,7 +338,7 @@ def verify_outputs(ours: Path, naive: Path, inputs: list[Path], coeffs: list[flo
     import torch
     from safetensors import safe_open
 
-    from bonesoup.checkpoint import CheckpointDir
+    from bonesoup.merge.checkpoint import CheckpointDir
 
     a, b = CheckpointDir(ours), CheckpointDir(naive)
     ins = [CheckpointDir(d) for d in inputs]
@@ -399,7 +399,7 @@ def _load_check(out: Path) -> bool:
     transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     state = model.state_dict()
-    from bonesoup.checkpoint import CheckpointDir
+    from bonesoup.merge.checkpoint import CheckpointDir
 
     ck = CheckpointDir(out)
     for key, info in ck.tensors.items():
@@ -422,7 +422,7 @@ def crash_check(cmd_for, out: Path, reference: Path, log_dir: Path, attempts: in
     """SIGKILL ``bonesoup merge`` while it writes; then check nothing is at ``out`` and a re-run recovers.
 
     The temporary directory is ``.{out.name}.bonesoup-tmp-{pid}.{start}-{hex}`` beside
-    ``out`` (bonesoup.checkpoint.atomic_output_dir). We poll for the one with the
+    ``out`` (bonesoup.merge.checkpoint.atomic_output_dir). We poll for the one with the
     child's pid and kill once a shard file in it has data (the writer is
     mid-shard); if the child finishes first, that attempt is retried (the
     second half of the attempts kill as soon as the directory appears).
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.import_floor:
         for r in range(args.repeats):
             cases["import_ours"].append(run_measured(
-                [sys.executable, "-c", "import bonesoup.cli, bonesoup.offline_merge"], log_dir / "import-ours.log"))
+                [sys.executable, "-c", "import bonesoup.cli, bonesoup.merge.offline"], log_dir / "import-ours.log"))
             cases["import_naive"].append(run_measured(
                 [sys.executable, "-c", "import torch, safetensors.torch"], log_dir / "import-naive.log"))
     for r in range(args.repeats):  # interleaved, so drift hits both alike

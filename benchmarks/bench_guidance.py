@@ -223,7 +223,7 @@ def check_merged(models: Models, dtype) -> None:
 
 
 def _decode(models: Models, names, coeffs, ids, mask, tokens):
-    from bonesoup.guided import guided_generate
+    from bonesoup.decode.guided import guided_generate
 
     ms = [models.models[x] for x in names]
     return guided_generate(ms[0], ms[1:], coeffs, ids, mask, max_new_tokens=tokens, temperature=1.0, seed=123,

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(preset: str, workdir: Path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bonesoup.ppo.checkpoint_training import load_policy
-    from bonesoup.task import build_task_sft, make_task_tokenizer
+    from bonesoup.train.ppo.checkpoint_training import load_policy
+    from bonesoup.tasks.review import build_task_sft, make_task_tokenizer
 
     if preset == "tiny":
         return load_policy(build_task_sft(workdir / "sft"))
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from bonesoup.ppo import PPOConfig, PPOTrainer
-    from bonesoup.rewards import CombinedReward
-    from bonesoup.task import TASK_REWARDS, task_prompts
+    from bonesoup.train.ppo import PPOConfig, PPOTrainer
+    from bonesoup.train.rewards import CombinedReward
+    from bonesoup.tasks.review import TASK_REWARDS, task_prompts
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         t0 = time.perf_counter()

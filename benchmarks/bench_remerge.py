@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import torch
 
 import soupkernels as sk
-from bonesoup.live import LiveSoup
+from bonesoup.merge.live import LiveSoup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonesoup.serve import ServerThread, build_embedded_default, create_app, load_live_soup
-from bonesoup.tiny_models import TINY_CORPUS
+from bonesoup.serve.server import ServerThread, build_embedded_default, create_app, load_live_soup
+from bonesoup.tasks.tiny_models import TINY_CORPUS
 
 
 def default_targets(n: int) -> list[list[float]]:

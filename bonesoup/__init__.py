@@ -2,15 +2,15 @@
 
 Knows models, checkpoints and preferences: merge coefficients, checkpoint
 I/O, the offline merge, live re-merge inside a serving process (LiveSoup),
-PPO training of backbones on combined rewards (``bonesoup.ppo``,
-``bonesoup.rewards``, the embedded task ``bonesoup.task``), MAGE guidance
-(value models merged into one proxy: ``bonesoup.values``,
-``bonesoup.value_training``; decoding: ``bonesoup.mage``), metrics
-(``bonesoup.metrics``), the experiment (``bonesoup.experiment``) and the
+PPO training of backbones on combined rewards (``bonesoup.train.ppo``,
+``bonesoup.train.rewards``, the embedded task ``bonesoup.tasks.review``), MAGE guidance
+(value models merged into one proxy: ``bonesoup.decode.values``,
+``bonesoup.train.value_training``; decoding: ``bonesoup.decode.mage``), metrics
+(``bonesoup.eval.metrics``), the experiment (``bonesoup.eval.experiment``) and the
 command line (``bonesoup --help``).
 """
 
-from bonesoup.coefficients import (
+from bonesoup.merge.coefficients import (
     backbone_matrix,
     bone_coefficients,
     fold_extrapolation,
@@ -19,11 +19,11 @@ from bonesoup.coefficients import (
     rewarded_soup_coefficients,
     validate_preference,
 )
-from bonesoup.live import LiveSoup, RemergeInfo
-from bonesoup.offline_merge import merge_checkpoints
-from bonesoup.ppo import PPOConfig, PPOTrainer
-from bonesoup.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
-from bonesoup.rewards import CombinedReward, RewardNormalization, combination_weights, get_reward, register_reward
+from bonesoup.merge.live import LiveSoup, RemergeInfo
+from bonesoup.merge.offline import merge_checkpoints
+from bonesoup.train.ppo import PPOConfig, PPOTrainer
+from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
+from bonesoup.train.rewards import CombinedReward, RewardNormalization, combination_weights, get_reward, register_reward
 
 __all__ = [
     "backbone_matrix",
@@ -50,11 +50,14 @@ __all__ = [
 # Guided decoding (MAGE stage 2) imports transformers; load it on first use so that
 # `import bonesoup` stays light for the merge paths.
 _LAZY = {
-    "GuidanceLogitsProcessor": "guided", "GuidedGeneration": "guided", "guided_generate": "guided",
-    "mage_generate": "mage", "mod_generate": "mage", "ChunkSearch": "mage",
-    "ValueSoup": "values", "Guidance": "values", "implicit_guidance": "values", "explicit_guidance": "values",
-    "train_value_models": "value_training", "hypervolume": "metrics", "controllability": "metrics",
-    "pareto_front": "metrics", "run_experiment": "experiment", "ExperimentConfig": "experiment",
+    "GuidanceLogitsProcessor": "decode.guided", "GuidedGeneration": "decode.guided",
+    "guided_generate": "decode.guided",
+    "mage_generate": "decode.mage", "mod_generate": "decode.mage", "ChunkSearch": "decode.mage",
+    "ValueSoup": "decode.values", "Guidance": "decode.values", "implicit_guidance": "decode.values",
+    "explicit_guidance": "decode.values",
+    "train_value_models": "train.value_training",
+    "hypervolume": "eval.metrics", "controllability": "eval.metrics", "pareto_front": "eval.metrics",
+    "run_experiment": "eval.experiment", "ExperimentConfig": "eval.experiment",
 }
 __all__ += list(_LAZY)
 

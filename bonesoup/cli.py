@@ -46,7 +46,7 @@ def _add_merge(sub) -> None:
 
 
 def _cmd_merge(args) -> int:
-    from bonesoup.offline_merge import merge_checkpoints
+    from bonesoup.merge.offline import merge_checkpoints
 
     if not args.backbones:
         return _demo(args)
@@ -71,9 +71,9 @@ def _demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import soupkernels as sk
-    from bonesoup.coefficients import merge_coefficients, rewarded_soup_coefficients
-    from bonesoup.offline_merge import merge_checkpoints
-    from bonesoup.tiny_models import make_tiny_backbones
+    from bonesoup.merge.coefficients import merge_coefficients, rewarded_soup_coefficients
+    from bonesoup.merge.offline import merge_checkpoints
+    from bonesoup.tasks.tiny_models import make_tiny_backbones
 
     transformers.logging.disable_progress_bar()
     pref = args.preference or [0.8, 0.2]
@@ -159,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bonesoup.serve import add_serve_parser  # needs fastapi/uvicorn only when it runs
 
     add_serve_parser(sub)
-    from bonesoup.train_cli import add_train_parsers
+    from bonesoup.train.cli import add_train_parsers
 
     add_train_parsers(sub)
-    from bonesoup.experiment import add_experiment_parser
+    from bonesoup.eval.experiment import add_experiment_parser
 
     add_experiment_parser(sub)
     return parser

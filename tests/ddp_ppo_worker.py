@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonesoup.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from bonesoup.ppo.checkpoint_training import load_policy  # noqa: E402
-from bonesoup.rewards import CombinedReward, combination_weights  # noqa: E402
-from bonesoup.task import TASK_REWARDS, task_prompts  # noqa: E402
+from bonesoup.train.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from bonesoup.train.ppo.checkpoint_training import load_policy  # noqa: E402
+from bonesoup.train.rewards import CombinedReward, combination_weights  # noqa: E402
+from bonesoup.tasks.review import TASK_REWARDS, task_prompts  # noqa: E402
 
 
 def main() -> int:

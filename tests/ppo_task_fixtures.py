@@ -12,7 +12,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def task_sft(tmp_path_factory):
-    from bonesoup.task import build_task_sft
+    from bonesoup.tasks.review import build_task_sft
 
     with torch.random.fork_rng(devices=[]):
         return build_task_sft(tmp_path_factory.getbasetemp() / "task-sft")
@@ -20,6 +20,6 @@ def task_sft(tmp_path_factory):
 
 def tiny_policy(sft_path):
     """(policy, tokenizer) of the task SFT model, fp32, fresh from disk."""
-    from bonesoup.ppo.checkpoint_training import load_policy
+    from bonesoup.train.ppo.checkpoint_training import load_policy
 
     return load_policy(sft_path)

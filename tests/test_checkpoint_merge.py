@@ -1,6 +1,6 @@
 """Offline checkpoint merge: numerics against a float64 reference, layout, atomicity, refusals.
 
-Tiny GPT-2 checkpoints are built in code (bonesoup.tiny_models); the
+Tiny GPT-2 checkpoints are built in code (bonesoup.tasks.tiny_models); the
 reference merge is computed here from the input files with plain torch in
 float64, independent of the code under test.
 """
@@ -22,12 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import soupkernels
-from bonesoup import checkpoint as ckpt_mod
-from bonesoup import offline_merge
-from bonesoup.checkpoint import CheckpointDir, ShardLayout, ShardWriter, clean_stale_temp_dirs
-from bonesoup.coefficients import bone_coefficients, fold_extrapolation, rewarded_soup_coefficients
-from bonesoup.offline_merge import merge_checkpoints
-from bonesoup.tiny_models import make_tiny_backbones
+from bonesoup.merge import checkpoint as ckpt_mod
+from bonesoup.merge import offline as offline_merge
+from bonesoup.merge.checkpoint import CheckpointDir, ShardLayout, ShardWriter, clean_stale_temp_dirs
+from bonesoup.merge.coefficients import bone_coefficients, fold_extrapolation, rewarded_soup_coefficients
+from bonesoup.merge.offline import merge_checkpoints
+from bonesoup.tasks.tiny_models import make_tiny_backbones
 
 # --------------------------------------------------------------------------- fixtures and helpers
 
@@ -564,7 +564,7 @@ def test_truncated_shard_refused_before_writing(tmp_path):
 
 def test_stale_temp_dir_of_reused_pid_is_cleaned(tmp_path):
     """Same pid as a live process but another start time: the writer is dead."""
-    from bonesoup.checkpoint import _process_start
+    from bonesoup.merge.checkpoint import _process_start
 
     start = _process_start(os.getpid())
     if start is None:

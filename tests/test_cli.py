@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from bonesoup.cli import main
-from bonesoup.tiny_models import make_tiny_backbones
+from bonesoup.tasks.tiny_models import make_tiny_backbones
 
 
 @pytest.fixture(scope="module")

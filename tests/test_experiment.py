@@ -10,7 +10,7 @@ import torch
 from ppo_task_fixtures import task_sft  # noqa: F401  (session fixture)
 
 from bonesoup.cli import main
-from bonesoup.experiment import METHODS, ExperimentConfig, preference_grid, run_experiment, summarize
+from bonesoup.eval.experiment import METHODS, ExperimentConfig, preference_grid, run_experiment, summarize
 
 TOY = dict(seeds=(0,), seed_mode="train", ppo_steps=2, ppo_batch_size=16, morlhf=(0.5,), value_samples=64,
            value_steps=3, points=3, eval_samples_per_prompt=1, val_prompts=4, val_samples_per_prompt=1,
@@ -61,7 +61,7 @@ def test_every_method_is_evaluated_and_written(toy_run):
 
 def test_summary_uses_one_reference_point_and_recomputes(toy_run):
     out, res = toy_run
-    from bonesoup.metrics import hypervolume
+    from bonesoup.eval.metrics import hypervolume
 
     cfg = ExperimentConfig(out=str(out), **TOY)
     per_seed = {0: res["per_seed"]["0"]}

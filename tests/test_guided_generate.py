@@ -8,8 +8,8 @@ from transformers import GPT2LMHeadModel
 
 import soupkernels as sk
 from bonesoup import GuidanceLogitsProcessor, guided_generate
-from bonesoup.guided import row_seeds
-from bonesoup.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
+from bonesoup.decode.guided import row_seeds
+from bonesoup.tasks.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
 
 PROMPTS = ["The user asks", "Waves roll in, grey and slow", "Hi", "Thank you for the clear"]
 

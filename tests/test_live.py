@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import bonesoup.live as live_mod
+import bonesoup.merge.live as live_mod
 from bonesoup import merge_checkpoints
-from bonesoup.live import LiveSoup
-from bonesoup.tiny_models import make_tiny_backbones
+from bonesoup.merge.live import LiveSoup
+from bonesoup.tasks.tiny_models import make_tiny_backbones
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,8 @@ def test_cuda_live_soup_matches_cpu(tiny):
 @pytest.mark.parametrize("store", ["full", "delta"])
 def test_set_coefficients_one_hot_is_bit_for_bit_and_matches_set_preference(tiny, store):
     from safetensors.torch import load_file
-    from bonesoup.coefficients import per_objective_extrapolation
-    from bonesoup.checkpoint import CheckpointDir
+    from bonesoup.merge.coefficients import per_objective_extrapolation
+    from bonesoup.merge.checkpoint import CheckpointDir
 
     root, sft, bbs = tiny
     model = _load(sft)

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
-from bonesoup.mage import ChunkSearch, mage_generate, mod_generate
-from bonesoup.guided import guided_generate
-from bonesoup.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
-from bonesoup.values import ValueSoup, explicit_guidance, guidance_logits, implicit_guidance
+from bonesoup.decode.mage import ChunkSearch, mage_generate, mod_generate
+from bonesoup.decode.guided import guided_generate
+from bonesoup.tasks.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
+from bonesoup.decode.values import ValueSoup, explicit_guidance, guidance_logits, implicit_guidance
 
 PROMPTS = ["The user asks", "Waves roll in, grey and slow", "Hi", "Thank you for the clear"]
 

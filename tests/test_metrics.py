@@ -1,4 +1,4 @@
-"""bonesoup.metrics against hand-computed values and brute-force oracles.
+"""bonesoup.eval.metrics against hand-computed values and brute-force oracles.
 
 scipy is not installed in this venv, so Spearman is checked against hand-computed
 ranks and an independent O(K^2) rank oracle; if scipy ever is installed, the
@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from bonesoup import metrics as M
-from bonesoup.metrics import (
+from bonesoup.eval import metrics as M
+from bonesoup.eval.metrics import (
     controllability,
     hypervolume,
     lmc_barrier,

@@ -76,7 +76,7 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(task_sft, tmp_pat
         for key in ("score", "kl", "entropy", "response_length", "value_loss", "policy_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     # And training did move the parameters (the comparison above is not of two untouched models).
-    from bonesoup.ppo.checkpoint_training import load_policy
+    from bonesoup.train.ppo.checkpoint_training import load_policy
 
     sft_model, _ = load_policy(task_sft)
     start = dict(sft_model.named_parameters())

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bonesoup.ppo.losses import (
+from bonesoup.train.ppo.losses import (
     AdaptiveKLController,
     FixedKLController,
     gae,

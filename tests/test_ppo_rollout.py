@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bonesoup.ppo.rollout import (
+from bonesoup.train.ppo.rollout import (
     check_special_tokens,
     generate,
     left_pad_prompts,
@@ -22,7 +22,7 @@ PROMPTS = ["The user asks", "A", "Waves roll in, grey and slow, and"]
 def tiny():
     from transformers import GPT2LMHeadModel
 
-    from bonesoup.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
+    from bonesoup.tasks.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
 
     tok = make_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):

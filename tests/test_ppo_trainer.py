@@ -8,10 +8,10 @@ import pytest
 import torch
 from ppo_task_fixtures import task_sft, tiny_policy  # noqa: F401  (fixture)
 
-from bonesoup.ppo import PPOConfig, PPOTrainer
-from bonesoup.ppo.rollout import logprobs_from_logits, response_logits
-from bonesoup.rewards import CombinedReward, combination_weights
-from bonesoup.task import TASK_REWARDS, task_prompts
+from bonesoup.train.ppo import PPOConfig, PPOTrainer
+from bonesoup.train.ppo.rollout import logprobs_from_logits, response_logits
+from bonesoup.train.rewards import CombinedReward, combination_weights
+from bonesoup.tasks.review import TASK_REWARDS, task_prompts
 
 SMALL = dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=12, lr=1e-4)
 
@@ -116,7 +116,7 @@ def test_missing_eos_penalty_is_subtracted(task_sft):
     r = tr.last_rollout
     has_eos = (r["response"] == tr.eos_id).any(1)
     assert (~has_eos).any()
-    from bonesoup.ppo.rollout import decode_responses
+    from bonesoup.train.ppo.rollout import decode_responses
 
     texts = decode_responses(tr.tokenizer, r["response"], r["response_mask"], tr.eos_id)
     prompts = tr.tokenizer.batch_decode(r["query"], skip_special_tokens=True)
@@ -148,7 +148,7 @@ def test_sentiment_expert_learns_and_the_rewards_conflict(task_sft, tmp_path):
     # 25 steps of 32 rollouts on sentiment alone, then both models on the 42 held-out prompts x 4
     # samples (the same per-sample seeds): sentiment rises far above the SFT model's, and conciseness
     # falls (more positive words make longer responses), which is the trade-off the task is built on.
-    from bonesoup.ppo.checkpoint_training import evaluate_checkpoint
+    from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint
 
     tr = _trainer(task_sft, batch_size=32, mini_batch_size=16, ppo_epochs=4, max_new_tokens=16, seed=1)
     records = tr.train(25, out_dir=tmp_path / "expert", progress=False)
@@ -195,7 +195,7 @@ def test_trained_backbones_merge_and_load(task_sft, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bonesoup import LiveSoup, merge_checkpoints
-    from bonesoup.coefficients import merge_coefficients
+    from bonesoup.merge.coefficients import merge_coefficients
 
     backbones = []
     for j in range(2):
@@ -259,7 +259,7 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weig
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from bonesoup.ppo import with_lora
+    from bonesoup.train.ppo import with_lora
 
     policy, tok = tiny_policy(task_sft)
     sft_state = {k: v.clone() for k, v in policy.state_dict().items()}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bonesoup.coefficients import backbone_matrix
-from bonesoup.rewards import (
+from bonesoup.merge.coefficients import backbone_matrix
+from bonesoup.train.rewards import (
     CombinedReward,
     Conciseness,
     Coverage,
@@ -125,7 +125,7 @@ def test_normalization_fit_and_round_trip(tmp_path):
 def test_sequence_classifier_reward_matches_a_direct_forward(tmp_path):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from bonesoup.tiny_models import make_tiny_tokenizer
+    from bonesoup.tasks.tiny_models import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, num_labels=2,

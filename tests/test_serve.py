@@ -21,8 +21,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from bonesoup import merge_checkpoints  # noqa: E402
-from bonesoup.live import LiveSoup  # noqa: E402
-from bonesoup.serve import (  # noqa: E402
+from bonesoup.merge.live import LiveSoup  # noqa: E402
+from bonesoup.serve.server import (  # noqa: E402
     Engine,
     ServerThread,
     _RowSampler,
@@ -31,7 +31,7 @@ from bonesoup.serve import (  # noqa: E402
     build_from_args,
     create_app,
 )
-from bonesoup.tiny_models import make_tiny_backbones  # noqa: E402
+from bonesoup.tasks.tiny_models import make_tiny_backbones  # noqa: E402
 
 KEY = "test-key-123"
 MAX_TOKENS = 8

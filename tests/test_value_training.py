@@ -7,9 +7,9 @@ import torch
 
 from ppo_task_fixtures import task_sft  # noqa: F401  (session fixture)
 
-from bonesoup.ppo.checkpoint_training import load_policy
-from bonesoup.task import task_prompts
-from bonesoup.value_training import (
+from bonesoup.train.ppo.checkpoint_training import load_policy
+from bonesoup.tasks.review import task_prompts
+from bonesoup.train.value_training import (
     ValueData,
     ensemble_loss,
     load_value_model,
@@ -96,7 +96,7 @@ def test_regression_beats_the_constant_predictor_and_round_trips(trained, task_s
 
 def test_cache_is_reused_and_force_rebuilds(trained, task_sft, monkeypatch):  # noqa: F811
     root, outs = trained
-    import bonesoup.value_training as vt
+    import bonesoup.train.value_training as vt
 
     stamp = [o.stat().st_mtime_ns for o in outs]
 

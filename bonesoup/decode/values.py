@@ -8,7 +8,7 @@ Two kinds of value model per objective i (DESIGN.md, "MAGE stage 2"):
   up to a per-row constant, which sampling ignores.
 - **explicit**: a causal LM whose outputs are token-level Q-values,
   ``Q_i(s, v) ~ E[r_i | prefix s + v]`` (trained by
-  :mod:`bonesoup.value_training`); the guidance is ``Q(s, .)`` itself.
+  :mod:`bonesoup.train.value_training`); the guidance is ``Q(s, .)`` itself.
 
 MAGE does not keep n of them side by side (that is MOD/GenARM: n forwards
 and n models' memory per decoding step). It merges the n value models of
@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .live import LiveSoup, RemergeInfo
+from bonesoup.merge.live import LiveSoup, RemergeInfo
 
 __all__ = ["Guidance", "implicit_guidance", "explicit_guidance", "ValueSoup", "guidance_logits"]
 
@@ -111,7 +111,7 @@ class ValueSoup:
     values : sequence of n checkpoint directories (or state dicts, with ``model``)
         implicit: the tuned policies (experts, or backbones with
         ``method="bone"``); explicit: value models from
-        :func:`bonesoup.value_training.train_value_models`. All of one
+        :func:`bonesoup.train.value_training.train_value_models`. All of one
         architecture (refused otherwise, naming the key).
     kind : {"implicit", "explicit"}
     ref : checkpoint directory or model, required for ``kind="implicit"``

@@ -181,21 +181,26 @@ def per_objective_extrapolation(
 
     Returns ``(backbone coefficients [n] float64, SFT coefficient float)``.
     """
-    if method not in ("bone", "rewarded"):
-        raise ValueError(f"method must be 'bone' or 'rewarded', got {method!r}")
     mu = validate_preference(preference)
     n = _validate_n(mu.size)
     kk = np.asarray(k, dtype=np.float64)
     if kk.shape != (n,) or not np.all(np.isfinite(kk)) or np.any(kk <= 0):
         raise ValueError(f"k must hold {n} finite factors > 0 (one per objective), got {k!r}")
-    if method == "bone":
-        if beta is None:
-            raise ValueError("beta is required for method='bone'")
-        lam = np.linalg.inv(backbone_matrix(n, validate_beta(beta)))  # column i = B^-1 e_i
-    else:
-        lam = np.eye(n)
+    lam = mixing_matrix(method, n, beta)  # column i = objective i's backbone weights (B^-1 e_i for bone)
     c = lam @ (mu * kk)
     return c, float(np.sum(mu * (1.0 - kk)))
+
+
+def mixing_matrix(method: str, n: int, beta: float | None = None) -> np.ndarray:
+    """The registered ``method``'s mixing matrix L [n, n] float64 (lambda = L mu), ``beta`` checked where it is read."""
+    from bonesoup.merge.methods import get_merge_method
+
+    m = get_merge_method(method)
+    if m.needs_beta:
+        if beta is None:
+            raise ValueError(f"beta is required for method={method!r}")
+        beta = validate_beta(beta)
+    return m.mixing(n, beta)
 
 
 def merge_coefficients(
@@ -214,14 +219,6 @@ def merge_coefficients(
     coefficient is ``-alpha`` (0 without extrapolation). ``n``, if given, is
     the number of backbones the preference must match.
     """
-    if method not in ("bone", "rewarded"):
-        raise ValueError(f"method must be 'bone' or 'rewarded', got {method!r}")
     mu = validate_preference(preference, n)
-    if method == "bone":
-        if beta is None:
-            raise ValueError("beta is required for method='bone'")
-        lam = _bone(mu, validate_beta(beta))
-    else:
-        _validate_n(mu.size)
-        lam = mu
+    lam = mixing_matrix(method, _validate_n(mu.size), beta) @ mu
     return fold_extrapolation(lam, alpha)

@@ -23,7 +23,7 @@ TRAIN_DIR = Path("out") / "train"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from bonesoup.ppo.trainer import PPOConfig
+    from bonesoup.train.ppo.trainer import PPOConfig
 
     d = PPOConfig()
     g = p.add_argument_group("model and data")
@@ -115,9 +115,9 @@ def _setup(args):
     """(sft dir, prompts, reward names, PPOConfig, normalisation) from the common arguments."""
     import torch
 
-    from bonesoup.ppo.trainer import PPOConfig
-    from bonesoup.rewards import RewardNormalization, available_rewards
-    from bonesoup.task import TASK_REWARDS, build_task_sft, task_prompts
+    from bonesoup.train.ppo.trainer import PPOConfig
+    from bonesoup.train.rewards import RewardNormalization, available_rewards
+    from bonesoup.tasks.review import TASK_REWARDS, build_task_sft, task_prompts
 
     if args.threads is not None:
         if args.threads < 1:
@@ -151,7 +151,7 @@ def _setup(args):
             raise ValueError(f"--normalization {args.normalization} has {len(norm.mean)} entries for "
                              f"{len(rewards)} rewards")
     else:
-        from bonesoup.ppo.checkpoint_training import measure_reward_normalization
+        from bonesoup.train.ppo.checkpoint_training import measure_reward_normalization
 
         norm = measure_reward_normalization(sft, prompts, rewards, max_new_tokens=config.max_new_tokens,
                                             temperature=config.temperature, seed=config.seed)
@@ -159,8 +159,8 @@ def _setup(args):
 
 
 def _cmd_train(args) -> int:
-    from bonesoup.ppo.checkpoint_training import train_checkpoint
-    from bonesoup.rewards import combination_weights
+    from bonesoup.train.ppo.checkpoint_training import train_checkpoint
+    from bonesoup.train.rewards import combination_weights
 
     sft, prompts, rewards, config, norm = _setup(args)
     n = len(rewards)
@@ -197,10 +197,10 @@ def _cmd_train_all(args) -> int:
     import numpy as np
     import torch
 
-    from bonesoup.coefficients import backbone_matrix
-    from bonesoup.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
-    from bonesoup.rewards import CombinedReward
-    from bonesoup.task import task_prompts
+    from bonesoup.merge.coefficients import backbone_matrix
+    from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
+    from bonesoup.train.rewards import CombinedReward
+    from bonesoup.tasks.review import task_prompts
 
     sft, prompts, rewards, config, norm = _setup(args)
     n = len(rewards)

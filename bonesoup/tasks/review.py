@@ -123,14 +123,14 @@ def task_prompts(split: str = "train") -> list[str]:
 
 def make_task_tokenizer(vocab_size: int = 512):
     """Byte-level BPE trained on :func:`task_corpus` (``<|endoftext|>`` = EOS, ``<|pad|>`` = pad, left padding)."""
-    from bonesoup.tiny_models import make_tiny_tokenizer
+    from bonesoup.tasks.tiny_models import make_tiny_tokenizer
 
     return make_tiny_tokenizer(vocab_size, corpus=task_corpus())
 
 
 def task_reward_fns() -> list:
     """The task's reward functions, in :data:`TASK_REWARDS` order."""
-    from bonesoup.rewards import get_reward
+    from bonesoup.train.rewards import get_reward
 
     return [get_reward(name) for name in TASK_REWARDS]
 
@@ -153,8 +153,8 @@ def build_task_sft(out_dir: str | os.PathLike = DEFAULT_TASK_DIR / "sft", *, ste
     """
     from transformers import GPT2LMHeadModel
 
-    from bonesoup.checkpoint import atomic_output_dir
-    from bonesoup.tiny_models import tiny_gpt2_config
+    from bonesoup.merge.checkpoint import atomic_output_dir
+    from bonesoup.tasks.tiny_models import tiny_gpt2_config
 
     out_dir = Path(out_dir)
     args = dict(steps=steps, batch_size=batch_size, lr=lr, n_embd=n_embd, n_layer=n_layer, n_head=n_head, seed=seed)

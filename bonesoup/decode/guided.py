@@ -36,42 +36,15 @@ import torch
 from transformers.generation.logits_process import LogitsProcessor
 
 import soupkernels as sk
+from bonesoup.decode.batching import (
+    check_prompt,
+    model_device,
+    position_ids_from_mask,
+    resolve_stop_and_pad,
+    row_seeds,
+)
 
 __all__ = ["GuidanceLogitsProcessor", "GuidedGeneration", "guided_generate", "row_seeds"]
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64 finaliser: a bijective 64-bit mix (Steele et al., 2014)."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def row_seeds(seed: int, batch_size: int) -> torch.Tensor:
-    """Per-row Philox keys derived from one ``seed``: int64 [batch_size].
-
-    Row b gets ``splitmix64(splitmix64(seed) ^ b)``: depends only on
-    ``(seed, b)``, so a row keeps its draws whatever the other rows are, and
-    rows of one request (or requests with nearby seeds) get unrelated keys,
-    not ``seed + b`` collisions.
-    """
-    base = _splitmix64(int(seed) & _M64)
-    keys = [_splitmix64(base ^ b) for b in range(batch_size)]
-    return torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys], dtype=torch.int64)
-
-
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
 
 def _vocab_size(model) -> int | None:
     config = getattr(model, "config", None)
@@ -136,49 +109,13 @@ def _check_coeffs(coeffs, n_models: int, batch_size: int | None, device: torch.d
     return c.to(device)
 
 
-def _check_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated (input_ids [B, P] int64, attention_mask [B, P] int64), left padding only."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor [B, P], got {type(input_ids).__name__}")
-    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must have shape [B, P] with B, P >= 1, got {tuple(input_ids.shape)} "
-                         "(for one prompt pass ids[None])")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    input_ids = input_ids.long()
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor [B, P], got {type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                         f"{tuple(input_ids.shape)}")
-    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    if ((mask != 0) & (mask != 1)).any():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    empty = torch.nonzero(mask.sum(-1) == 0).flatten().tolist()
-    if empty:
-        raise ValueError(f"attention_mask rows {empty} are all padding; every prompt needs at least one token")
-    # Left padding: once a row's mask is 1 it stays 1 (nondecreasing along the row).
-    right = torch.nonzero((mask[:, 1:] < mask[:, :-1]).any(-1)).flatten().tolist()
-    if right:
-        raise ValueError(f"attention_mask rows {right} have padding after a token; decoding appends after the "
-                         "last column, so prompts must be left-padded (tokenizer.padding_side = 'left')")
-    return input_ids, mask
-
-
-def _prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded prompt, as ``generate`` makes them (pads get 0; they are masked)."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 class _CachedModel:
     """One causal LM and its KV cache: the prompt once, then one token per call."""
 
     def __init__(self, model, name: str):
         self.model = model
         self.name = name
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.cache = None
         self.forwards = 0
         # Only the last position's logits are used; models that can skip the rest do.
@@ -279,8 +216,8 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         """Run every guide on what is new in ``input_ids``; their last logits."""
         B, L = input_ids.shape
         if self._ids is None:
-            input_ids, mask = _check_prompt(input_ids, self._prompt_mask)
-            pos = _prompt_positions(mask)
+            input_ids, mask = check_prompt(input_ids, self._prompt_mask)
+            pos = position_ids_from_mask(mask)
             feed = input_ids
         else:
             if B != self._ids.shape[0] or L != self._ids.shape[1] + 1 or not torch.equal(input_ids[:, :-1], self._ids):
@@ -321,41 +258,10 @@ class GuidedGeneration:
     new_tokens: torch.Tensor  #: [B, T] int64; pad after a row's stop token
     logprobs: torch.Tensor | None  #: [B, T] fp32 log-prob of each token (0 after the stop), or None
     lengths: torch.Tensor  #: [B] int64 new tokens per row, its stop token included
-    finished: torch.Tensor  #: [B] bool: the row emitted a stop token
+    finished: torch.Tensor  #: [B] bool: the row emitted a stop token (or was stopped as invalid)
     steps: int  #: T
     forwards: int  #: model forwards in all: (1 + len(guide_models)) * T
-
-
-def _stop_and_pad(base_model, stop_token_ids, pad_token_id) -> tuple[list[int], int]:
-    gen = getattr(base_model, "generation_config", None)
-    cfg = getattr(base_model, "config", None)
-
-    def first_set(attr):
-        for src in (gen, cfg):
-            v = getattr(src, attr, None) if src is not None else None
-            if v is not None:
-                return v
-        return None
-
-    if stop_token_ids is None:
-        stop_token_ids = first_set("eos_token_id")
-        stop_token_ids = [] if stop_token_ids is None else stop_token_ids
-    if isinstance(stop_token_ids, torch.Tensor):
-        stop_token_ids = stop_token_ids.flatten().tolist()
-    if isinstance(stop_token_ids, numbers.Integral):
-        stop_token_ids = [int(stop_token_ids)]
-    if not isinstance(stop_token_ids, (list, tuple)) or not all(
-        isinstance(t, numbers.Integral) and t >= 0 for t in stop_token_ids
-    ):
-        raise ValueError(f"stop_token_ids must be a token id or a list of token ids >= 0, got {stop_token_ids!r}")
-    stops = [int(t) for t in stop_token_ids]
-    if pad_token_id is None:
-        pad_token_id = first_set("pad_token_id")
-    if pad_token_id is None:
-        pad_token_id = stops[0] if stops else 0  # as generate does; unused when no row can stop
-    if not isinstance(pad_token_id, numbers.Integral) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a token id >= 0, got {pad_token_id!r}")
-    return stops, int(pad_token_id)
+    invalid: torch.Tensor | None = None  #: [B] bool: no token could be drawn (``on_invalid="stop"``)
 
 
 def _per_row_host(value, dtype):
@@ -384,6 +290,7 @@ def guided_generate(
     stop_token_ids=None,
     pad_token_id: int | None = None,
     return_logprobs: bool = False,
+    on_invalid: str = "raise",
 ) -> GuidedGeneration:
     """Batched guided decoding: sample from ``sum_m c_m z_m`` over [base, guide_1, ...].
 
@@ -436,6 +343,12 @@ def guided_generate(
     return_logprobs : bool
         Also return each token's log-prob under the final filtered,
         renormalised distribution (0 for greedy rows and after the stop).
+    on_invalid : {"raise", "stop"}
+        What a row whose combined logits hold a NaN or +inf or are all -inf
+        gets: ``"raise"`` fails the call (ValueError naming the rows and the
+        step); ``"stop"`` finishes that row only (``invalid[b]`` True, its
+        length counts the steps before, pad after) and decodes the others on:
+        a server answers that request alone with an error.
 
     Returns
     -------
@@ -458,14 +371,16 @@ def guided_generate(
     models = [base_model, *_check_guide_list(guide_models)]
     names = ["base_model"] + [f"guide_models[{g}]" for g in range(len(models) - 1)]
     _check_vocab(models, names)
-    input_ids, mask = _check_prompt(input_ids, attention_mask)
+    input_ids, mask = check_prompt(input_ids, attention_mask)
     B, P = input_ids.shape
-    device = _model_device(base_model)
+    device = model_device(base_model)
     input_ids, mask = input_ids.to(device), mask.to(device)
     c = _check_coeffs(coeffs, len(models), B, device)
+    if on_invalid not in ("raise", "stop"):
+        raise ValueError(f"on_invalid must be 'raise' or 'stop', got {on_invalid!r}")
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    stops, pad = _stop_and_pad(base_model, stop_token_ids, pad_token_id)
+    stops, pad = resolve_stop_and_pad(base_model, stop_token_ids, pad_token_id)
     if seed is None:
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     seeds = row_seeds(seed, B) if isinstance(seed, numbers.Integral) else seed
@@ -482,12 +397,13 @@ def guided_generate(
     new_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=device)
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    invalid = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.int64, device=device)
     stop_ids = torch.tensor(stops, dtype=torch.int64, device=device)
     cached = [_CachedModel(m, name) for m, name in zip(models, names)]
     steps = 0
     with torch.inference_mode():
-        feed, pos = input_ids, _prompt_positions(mask)
+        feed, pos = input_ids, position_ids_from_mask(mask)
         for t in range(max_new_tokens):
             # One forward per model: the whole prompt at t = 0, the previous token after.
             logits = [m(feed, mask, pos).to(device) for m in cached]
@@ -496,10 +412,15 @@ def guided_generate(
             tok, lp = sk.guided_sample(logits, c, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        seed=seeds, offset=t, return_logprobs=True, check=False)
             # Finished rows' logits are never looked at, so a NaN there is not an error.
-            bad = torch.nonzero((tok < 0) & ~finished).flatten().tolist()
-            if bad:
-                raise ValueError(f"step {t}: rows {bad} of the combined logits hold a NaN or +inf or are all -inf; "
-                                 "no token can be drawn (check the models' outputs and coeffs)")
+            bad_now = (tok < 0) & ~finished
+            if on_invalid == "raise":
+                bad = torch.nonzero(bad_now).flatten().tolist()
+                if bad:
+                    raise ValueError(f"step {t}: rows {bad} of the combined logits hold a NaN or +inf or are all "
+                                     "-inf; no token can be drawn (check the models' outputs and coeffs)")
+            else:
+                invalid |= bad_now
+                finished |= bad_now
             tok = tok.masked_fill(finished, pad)
             lengths += ~finished
             new_tokens[:, t] = tok
@@ -523,4 +444,5 @@ def guided_generate(
         finished=finished.clone(),
         steps=steps,
         forwards=sum(m.forwards for m in cached),
+        invalid=invalid.clone(),
     )

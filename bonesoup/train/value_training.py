@@ -18,7 +18,7 @@ Q-values: the output at position t for vocabulary token v estimates
 - Saved with ``save_pretrained`` (config says ``tie_word_embeddings: false``)
   and loaded by ``AutoModelForCausalLM``; every value model of one SFT has
   the same keys and shapes, so they merge weight by weight
-  (:class:`bonesoup.values.ValueSoup`).
+  (:class:`bonesoup.decode.values.ValueSoup`).
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def load_value_model(path: str | os.PathLike, *, device: str | torch.device = "c
 def sample_value_data(sft: str | os.PathLike, prompts: Sequence[str], rewards: Sequence, *, samples: int = 2048,
                       max_new_tokens: int = 20, temperature: float = 1.0, seed: int = 0) -> ValueData:
     """Sample ``samples`` SFT completions (prompts cycled in order, per-sample seeded) and score them."""
-    from bonesoup.ppo.checkpoint_training import _reward_fns, load_policy
-    from bonesoup.ppo.rollout import decode_responses, sample_rollouts
-    from bonesoup.rewards import CombinedReward
+    from bonesoup.train.ppo.checkpoint_training import _reward_fns, load_policy
+    from bonesoup.train.ppo.rollout import decode_responses, sample_rollouts
+    from bonesoup.train.rewards import CombinedReward
 
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("prompts must be a non-empty sequence of strings")
@@ -214,8 +214,8 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
     """
     from transformers import AutoTokenizer
 
-    from bonesoup.checkpoint import atomic_output_dir
-    from bonesoup.ppo.checkpoint_training import load_policy
+    from bonesoup.merge.checkpoint import atomic_output_dir
+    from bonesoup.train.ppo.checkpoint_training import load_policy
 
     sft = Path(sft)
     if not (sft / "config.json").is_file():

@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .coefficients import backbone_matrix, validate_preference
+from bonesoup.merge.coefficients import backbone_matrix, validate_preference
 
 __all__ = [
     "RewardFn",

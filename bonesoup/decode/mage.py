@@ -5,7 +5,7 @@
   over base, merged tuned policy, reference for implicit guidance;
   ``[1, w]`` over base, merged value model for explicit guidance). The base
   is the Bone Soup merge at the preference (a :class:`~bonesoup.LiveSoup`
-  or a merged checkpoint); the guidance a :class:`~bonesoup.values.Guidance`,
+  or a merged checkpoint); the guidance a :class:`~bonesoup.decode.values.Guidance`,
   usually ``ValueSoup(...).guidance``.
 - ``search=ChunkSearch(value, K, L)``: chunk-level search. Each step samples
   K candidate chunks of L tokens per row (guided as above) and keeps the one
@@ -63,8 +63,8 @@ def mage_generate(base_model, guidance: Guidance | None, input_ids: torch.Tensor
     base_model : causal LM
         The preference's base policy (Bone Soup merge at mu).
     guidance : Guidance or None
-        From :func:`~bonesoup.values.implicit_guidance`,
-        :func:`~bonesoup.values.explicit_guidance` or ``ValueSoup.guidance``.
+        From :func:`~bonesoup.decode.values.implicit_guidance`,
+        :func:`~bonesoup.decode.values.explicit_guidance` or ``ValueSoup.guidance``.
         None: the base alone.
     input_ids, attention_mask : [B, P]
         Left-padded prompts (as :func:`bonesoup.guided_generate`).
@@ -125,14 +125,14 @@ def _take(x, idx: torch.Tensor):
 def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search: ChunkSearch, *,
                   max_new_tokens, seed, temperature, top_k, top_p, min_p, stop_token_ids, pad_token_id,
                   return_logprobs) -> GuidedGeneration:
-    from .guided import _check_prompt, _model_device, _stop_and_pad
+    from bonesoup.decode.batching import check_prompt, model_device, resolve_stop_and_pad
 
-    input_ids, mask = _check_prompt(input_ids, attention_mask)
-    device = _model_device(base_model)
+    input_ids, mask = check_prompt(input_ids, attention_mask)
+    device = model_device(base_model)
     input_ids, mask = input_ids.to(device), mask.to(device)
     B, P = input_ids.shape
     K, L = search.num_candidates, search.chunk_tokens
-    stops, pad = _stop_and_pad(base_model, stop_token_ids, pad_token_id)
+    stops, pad = resolve_stop_and_pad(base_model, stop_token_ids, pad_token_id)
     if seed is None:
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     seeds = row_seeds(seed, B) if isinstance(seed, numbers.Integral) else torch.as_tensor(seed, dtype=torch.int64)

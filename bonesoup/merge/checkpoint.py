@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-#: Provenance file written by bonesoup.offline_merge; never copied as a side file.
+#: Provenance file written by bonesoup.merge.offline; never copied as a side file.
 MERGE_REPORT_NAME = "bonesoup-merge.json"
 
 #: Floating dtypes that are merged (the kernels accumulate them in fp32).

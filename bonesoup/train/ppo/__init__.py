@@ -1,9 +1,9 @@
 """PPO for causal language models: the training path of Bone Soup's backbones.
 
-- :mod:`bonesoup.ppo.losses`: the arithmetic (KL penalty, GAE, whitening, clipped losses, KL controllers);
-- :mod:`bonesoup.ppo.rollout`: left padding, position ids, KV-cache sampling, EOS truncation, log-probs;
-- :mod:`bonesoup.ppo.trainer`: :class:`PPOConfig`, :class:`PPOTrainer` (single process or DDP under torchrun);
-- :mod:`bonesoup.ppo.training_log`: JSONL log and its plot.
+- :mod:`bonesoup.train.ppo.losses`: the arithmetic (KL penalty, GAE, whitening, clipped losses, KL controllers);
+- :mod:`bonesoup.train.ppo.rollout`: left padding, position ids, KV-cache sampling, EOS truncation, log-probs;
+- :mod:`bonesoup.train.ppo.trainer`: :class:`PPOConfig`, :class:`PPOTrainer` (single process or DDP under torchrun);
+- :mod:`bonesoup.train.ppo.training_log`: JSONL log and its plot.
 """
 
 from .losses import AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_whiten

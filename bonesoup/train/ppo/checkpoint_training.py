@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bonesoup.rewards import CombinedReward, RewardFn, RewardNormalization, get_reward
+from bonesoup.train.rewards import CombinedReward, RewardFn, RewardNormalization, get_reward
 
 from .rollout import (
     check_special_tokens,

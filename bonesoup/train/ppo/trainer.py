@@ -321,7 +321,7 @@ class PPOTrainer:
     tokenizer : transformers tokenizer
         Must have an EOS and a pad token, distinct.
     reward_fn : callable
-        ``reward_fn(prompts, responses)`` -> a :class:`bonesoup.rewards.RewardOutput`
+        ``reward_fn(prompts, responses)`` -> a :class:`bonesoup.train.rewards.RewardOutput`
         (score (B,) plus per-objective rewards for the log) or B floats.
     prompts : sequence of str
         Prompts to draw from (with replacement, seeded per step).
@@ -648,7 +648,7 @@ class PPOTrainer:
         records: list[dict] = []
         write = out_dir is not None and self.dist.is_main
         if write:
-            from bonesoup.checkpoint import atomic_output_dir
+            from bonesoup.merge.checkpoint import atomic_output_dir
 
             ctx = atomic_output_dir(out_dir, force=force)
         else:

@@ -3,7 +3,7 @@
 One command trains what the comparison needs and evaluates every method on
 the same held-out prompts with the same random numbers:
 
-1. the task's SFT model (:func:`bonesoup.task.build_task_sft`);
+1. the task's SFT model (:func:`bonesoup.tasks.review.build_task_sft`);
 2. per training seed: n Bone Soup backbones (rewards ``h = B r``), n experts
    (one reward each: Rewarded Soup's inputs and MOD's), MORLHF oracles (PPO
    on ``mu . r`` at a few preferences) and n explicit value models (token
@@ -18,7 +18,7 @@ the same held-out prompts with the same random numbers:
    (the experts' logits mixed with mu), MAGE implicit (Bone base + w
    (merged experts - SFT)), MAGE explicit (Bone base + w merged value
    models), and MORLHF at its trained preferences;
-5. metrics (:mod:`bonesoup.metrics`): hypervolume at ONE reference point for
+5. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
    every method and seed, minus a margin), controllability (Spearman of mu_i
    with r_i), mean +- std over seeds; a table, a Pareto plot and JSON.
@@ -133,15 +133,15 @@ class _Models:
         self.sft_fp = json.loads((sft / "bonesoup-sft.json").read_text())["fingerprint"]
         self.n = len(cfg.rewards)
         self.trained: list[str] = []
-        from bonesoup.task import task_prompts
+        from bonesoup.tasks.review import task_prompts
 
         # The training prompts come from code: hash them too, so a change there is a new model.
         self.prompts_fp = hashlib.sha256("\n".join(task_prompts("train")).encode()).hexdigest()[:16]
 
     def _ppo(self, name: str, weights) -> Path:
-        from bonesoup.ppo.checkpoint_training import train_checkpoint
-        from bonesoup.ppo.trainer import PPOConfig
-        from bonesoup.task import task_prompts
+        from bonesoup.train.ppo.checkpoint_training import train_checkpoint
+        from bonesoup.train.ppo.trainer import PPOConfig
+        from bonesoup.tasks.review import task_prompts
 
         c = self.cfg
         config = PPOConfig(steps=c.ppo_steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
@@ -158,7 +158,7 @@ class _Models:
         return out
 
     def backbones(self) -> list[Path]:
-        from bonesoup.coefficients import backbone_matrix
+        from bonesoup.merge.coefficients import backbone_matrix
 
         B = backbone_matrix(self.n, self.cfg.beta)
         return [self._ppo(f"backbone{j}-beta{self.cfg.beta:g}", B[j]) for j in range(self.n)]
@@ -170,8 +170,8 @@ class _Models:
         return {m: self._ppo(f"morlhf{m:g}", [m, 1.0 - m]) for m in self.cfg.morlhf}
 
     def values(self) -> list[Path]:
-        from bonesoup.task import task_prompts
-        from bonesoup.value_training import train_value_models
+        from bonesoup.tasks.review import task_prompts
+        from bonesoup.train.value_training import train_value_models
 
         c = self.cfg
         key = _hash({"sft": self.sft_fp, "prompts": self.prompts_fp, "rewards": c.rewards, "samples": c.value_samples, "steps": c.value_steps,
@@ -194,8 +194,8 @@ class _Evaluator:
     """Samples responses for a list of prompts with any [base, guides] + coefficients, scores them."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], samples_per_prompt: int, cfg: ExperimentConfig):
-        from bonesoup.ppo.rollout import check_special_tokens, left_pad_prompts
-        from bonesoup.rewards import get_reward
+        from bonesoup.train.ppo.rollout import check_special_tokens, left_pad_prompts
+        from bonesoup.train.rewards import get_reward
 
         self.tok, self.cfg = tokenizer, cfg
         self.prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -206,17 +206,17 @@ class _Evaluator:
     @torch.no_grad()
     def __call__(self, models: Sequence, coeffs, seed: int, search=None) -> np.ndarray:
         """Mean raw reward per objective [n] of one sample per prompt row, sampled with ``seed``."""
-        from bonesoup.mage import mage_generate
-        from bonesoup.ppo.rollout import decode_responses
+        from bonesoup.decode.mage import mage_generate
+        from bonesoup.train.ppo.rollout import decode_responses
 
         if search is None:
-            from bonesoup.guided import guided_generate
+            from bonesoup.decode.guided import guided_generate
 
             g = guided_generate(models[0], list(models[1:]), coeffs, self.ids, self.mask,
                                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 seed=seed, stop_token_ids=[self.eos], pad_token_id=self.pad)
         else:
-            from bonesoup.values import Guidance
+            from bonesoup.decode.values import Guidance
 
             guide = Guidance("custom", tuple(models[1:]), tuple(float(c) for c in coeffs[1:]))
             g = mage_generate(models[0], guide, self.ids, self.mask, w=1.0, max_new_tokens=self.cfg.max_new_tokens,
@@ -237,9 +237,9 @@ class _Methods:
     """The live merged models of one seed and the (models, coeffs) each method decodes with."""
 
     def __init__(self, cfg: ExperimentConfig, sft: Path, bbs, experts, values):
-        from bonesoup.live import LiveSoup
-        from bonesoup.ppo.checkpoint_training import load_policy
-        from bonesoup.values import ValueSoup
+        from bonesoup.merge.live import LiveSoup
+        from bonesoup.train.ppo.checkpoint_training import load_policy
+        from bonesoup.decode.values import ValueSoup
 
         self.cfg = cfg
         self.sft_model, self.tok = load_policy(sft)
@@ -254,7 +254,7 @@ class _Methods:
         self.w = {"implicit": 1.0, "explicit": 1.0}
 
     def set(self, method: str, mu: np.ndarray, *, w: float | None = None) -> tuple[list, list]:
-        from bonesoup.coefficients import per_objective_extrapolation
+        from bonesoup.merge.coefficients import per_objective_extrapolation
 
         mu = [float(x) for x in mu]
         if method == "rewarded_soup":
@@ -281,8 +281,8 @@ class _Methods:
 
 def _tune(cfg: ExperimentConfig, methods: _Methods, val: _Evaluator, seed: int) -> dict:
     """Per-objective extrapolation a_i and the guidance strengths w, on the validation slice."""
-    from bonesoup.coefficients import per_objective_extrapolation
-    from bonesoup.metrics import hypervolume
+    from bonesoup.merge.coefficients import per_objective_extrapolation
+    from bonesoup.eval.metrics import hypervolume
 
     n = len(cfg.rewards)
     out = {"a": [], "a_scores": [], "w": {}, "w_scores": {}}
@@ -313,9 +313,9 @@ def _tune(cfg: ExperimentConfig, methods: _Methods, val: _Evaluator, seed: int) 
 
 def _lmc(cfg: ExperimentConfig, methods: _Methods, values: list[Path], sft: Path, seed: int) -> dict:
     """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path."""
-    from bonesoup.metrics import lmc_barrier, merge_gap
-    from bonesoup.task import task_prompts
-    from bonesoup.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
+    from bonesoup.eval.metrics import lmc_barrier, merge_gap
+    from bonesoup.tasks.review import task_prompts
+    from bonesoup.train.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
 
     data = sample_value_data(sft, task_prompts("test"), list(cfg.rewards), samples=256,
                              max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed)
@@ -332,7 +332,7 @@ def _lmc(cfg: ExperimentConfig, methods: _Methods, values: list[Path], sft: Path
 
 
 def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, progress: bool) -> dict:
-    from bonesoup.task import task_prompts
+    from bonesoup.tasks.review import task_prompts
 
     methods = _Methods(cfg, sft, paths["backbones"], paths["experts"], paths["values"])
     train = task_prompts("train")
@@ -354,7 +354,7 @@ def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, pro
         pts = []
         search = None
         if m == SEARCH_METHOD:
-            from bonesoup.mage import ChunkSearch
+            from bonesoup.decode.mage import ChunkSearch
 
             search = ChunkSearch(methods.explicit.model, cfg.search_candidates, cfg.search_chunk_tokens)
         for mu in prefs:
@@ -364,7 +364,7 @@ def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, pro
         res["points"][m] = pts
     if bar is not None:
         bar.close()
-    from bonesoup.ppo.checkpoint_training import load_policy
+    from bonesoup.train.ppo.checkpoint_training import load_policy
 
     morlhf = {0.0: paths["experts"][1], 1.0: paths["experts"][0], **paths["morlhf"]}
     res["morlhf"] = {str(m): test([load_policy(p)[0]], [1.0], sample_seed).tolist() for m, p in sorted(morlhf.items())}
@@ -378,7 +378,7 @@ def _evaluate_seed(cfg: ExperimentConfig, sft: Path, paths: dict, seed: int, pro
 
 def summarize(cfg: ExperimentConfig, per_seed: dict) -> dict:
     """Hypervolume (one reference point for all), controllability and means over seeds."""
-    from bonesoup.metrics import controllability, hypervolume
+    from bonesoup.eval.metrics import controllability, hypervolume
 
     prefs = preference_grid(cfg.points)
     allpts = [np.asarray(r["points"][m]) for r in per_seed.values() for m in r["points"]]
@@ -471,7 +471,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
     """Train (or find) every model, evaluate every method, write results.{json,md} and pareto.png under ``cfg.out``."""
     import transformers
 
-    from bonesoup.task import build_task_sft
+    from bonesoup.tasks.review import build_task_sft
 
     cfg.check()
     if cfg.threads:

@@ -569,7 +569,7 @@ def _integer(body: dict, name: str, default, *, lo=None, hi=None):
 
 
 def _parse_preference(body: dict, soup, *, required: bool):
-    from .coefficients import validate_preference
+    from bonesoup.merge.coefficients import validate_preference
 
     v = body.get("preference")
     if v is None:
@@ -893,8 +893,8 @@ def load_live_soup(backbones: Sequence, *, beta: float | None, sft=None, model_d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import parse_dtype
-    from .live import LiveSoup
+    from bonesoup.merge.checkpoint import parse_dtype
+    from bonesoup.merge.live import LiveSoup
 
     model_dir = Path(model_dir if model_dir is not None else backbones[0])
     kwargs = {}
@@ -922,7 +922,7 @@ def build_embedded_default(workdir: str | os.PathLike = SERVE_DEMO_DIR, *, n: in
     ``delta`` = 0.3 (not tiny_models' 0.02) so that different preferences
     visibly generate different text.
     """
-    from .tiny_models import make_tiny_backbones
+    from bonesoup.tasks.tiny_models import make_tiny_backbones
 
     import transformers
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (hypervolume, Pareto fronts, controllability, LMC) and the experiment."""
