@@ -49,7 +49,7 @@ setup(
         "gpu": ["triton>=3.0"],
         "train": ["transformers>=4.56", "tokenizers", "vaderSentiment>=3.3", "matplotlib"],
         "lora": ["peft>=0.13"],
-        "serve": ["fastapi", "uvicorn"],
+        "serve": ["fastapi", "uvicorn", "pydantic>=2", "prometheus_client"],
         "test": ["pytest", "hypothesis", "triton>=3.0", "transformers>=4.40", "tokenizers", "vaderSentiment>=3.3",
                  "matplotlib"],
     },
