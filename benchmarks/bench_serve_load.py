@@ -11,8 +11,9 @@ percentiles (overall, per preference, /v1/preference), the server's re-merge
 times (from the engine's log), generate calls and rows per call, errors, and
 two correctness checks: every response's weights_version names one
 preference only, and (``--verify``, default for the embedded model with
-greedy decoding) every text equals the greedy output of the model merged
-offline by ``bonesoup.merge_checkpoints`` at that preference.
+greedy decoding) every text equals the greedy output of ``guided_generate`` (the
+one decode loop) on the model merged offline by ``bonesoup.merge_checkpoints``
+at that preference.
 
     python benchmarks/bench_serve_load.py                       # 20 s, 8 clients, embedded tiny GPT-2
     python benchmarks/bench_serve_load.py --quick               # 3 s, 4 clients
@@ -39,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonesoup.serve.server import ServerThread, build_embedded_default, create_app, load_live_soup
+from bonesoup.merge.methods import merge_method_names
+from bonesoup.serve import ServerThread, build_embedded_default, create_app, load_live_soup
 from bonesoup.tasks.tiny_models import TINY_CORPUS
 
 
@@ -83,10 +85,11 @@ class Client:
 
 
 def reference_texts(backbones, sft, beta, method, targets, alpha, prompts, max_tokens, tokenizer, workdir):
-    """Greedy texts of offline merges (one per target), one prompt per generate call."""
+    """Greedy texts of offline merges (one per target), one prompt per guided_generate call."""
     from transformers import AutoModelForCausalLM
 
     from bonesoup import merge_checkpoints
+    from bonesoup.decode.guided import guided_generate
 
     refs = {}
     for i, pref in enumerate(targets):
@@ -96,13 +99,11 @@ def reference_texts(backbones, sft, beta, method, targets, alpha, prompts, max_t
         eos = tokenizer.eos_token_id
         texts = {}
         for p in prompts:
-            ids = tokenizer(p, return_tensors="pt")
-            with torch.no_grad():
-                g = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-            new = g[0, ids["input_ids"].shape[1]:].tolist()
-            if eos in new:
-                new = new[: new.index(eos)]
+            ids = torch.tensor([tokenizer(p)["input_ids"] or [eos]])
+            g = guided_generate(model, [], [1.0], ids, temperature=0.0, max_new_tokens=max_tokens)
+            new = g.new_tokens[0, : int(g.lengths[0])].tolist()
+            if new and new[-1] == eos:
+                new = new[:-1]
             texts[p] = tokenizer.decode(new, skip_special_tokens=True)
         refs[tuple(pref)] = texts
         del model
@@ -208,7 +209,9 @@ def run(args) -> dict:
         elapsed = time.monotonic() - start
         remerges = list(engine.remerges)[remerges_before:]
         m = engine.metrics
-        gen_calls, gen_rows, gen_seconds = m.batch_rows.count, m.batch_rows.sum, m.generation.sum
+        gen_calls, gen_rows = m.totals("bonesoup_generation_batch_rows")
+        gen_calls = int(gen_calls)
+        gen_seconds = m.totals("bonesoup_generation_seconds")[1]
 
     # Checks.
     ok = [r for r in records if r[2] == 200]
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft", type=Path)
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--beta", type=float)
-    ap.add_argument("--method", choices=["bone", "rewarded"], default="bone")
+    ap.add_argument("--method", choices=merge_method_names(), default="bone")
     ap.add_argument("--device", help="default: cuda when available")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--workdir", type=Path, default=Path("out") / "serve-bench",

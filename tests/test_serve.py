@@ -1,130 +1,43 @@
 """`bonesoup serve`: OpenAI-compatible completions over a LiveSoup, on loopback only.
 
 One in-process uvicorn server (127.0.0.1, ephemeral port) serves a tiny GPT-2
-soup for the module. Every greedy text is compared with the greedy output of
-a model merged offline by ``bonesoup.merge_checkpoints`` at the same
-preference and loaded with ``AutoModelForCausalLM``.
+soup for the module. Every greedy text is compared with ``guided_generate``
+on a model merged offline by ``bonesoup.merge_checkpoints`` at the same
+preference (serve_fixtures.py). Sampling and hostile input: test_serve_sampling.py,
+test_serve_hostile.py.
 """
 
 import argparse
-import http.client
 import json
-import re
 import threading
 import time
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from bonesoup import merge_checkpoints  # noqa: E402
+from serve_fixtures import KEY, LIMIT, MAX_TOKENS, PROMPTS, TARGETS, Client, complete, metric_value, serve_tiny, start_server  # noqa: E402,F401,E501
+
 from bonesoup.merge.live import LiveSoup  # noqa: E402
-from bonesoup.serve.server import (  # noqa: E402
-    Engine,
-    ServerThread,
-    _RowSampler,
-    _Row,
-    add_serve_parser,
-    build_from_args,
-    create_app,
-)
-from bonesoup.tasks.tiny_models import make_tiny_backbones  # noqa: E402
+from bonesoup.merge.methods import merge_method_names  # noqa: E402
+from bonesoup.serve import Engine, ServerThread, add_serve_parser, build_from_args, create_app  # noqa: E402
 
-KEY = "test-key-123"
-MAX_TOKENS = 8
-LIMIT = 32
-#: (preference, alpha) values the load test interleaves; delta=0.3 backbones make their texts differ.
-TARGETS = [((1.0, 0.0), 0.0), ((0.5, 0.5), 0.0), ((0.0, 1.0), 0.0), ((0.8, 0.2), 0.2)]
-PROMPTS = ["The user asks", "A helpful answer", "Waves roll in", "Hi", "Numbers like 1, 2, 3",
-           "Bone soup merges backbone models with preference weights."]
-
-
-# ----------------------------------------------------------------------------- fixtures and helpers
-
-
-def _greedy_texts(model, tok, prompts, max_tokens=MAX_TOKENS):
-    """Reference: one prompt per generate call, cut at EOS, special tokens skipped."""
-    out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt")
-        with torch.no_grad():
-            g = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = g[0, ids["input_ids"].shape[1]:].tolist()
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id)]
-        out.append(tok.decode(new, skip_special_tokens=True))
-    return out
+_complete = complete
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    sft, bbs = make_tiny_backbones(root, 2, seed=5, delta=0.3)
-    tok = AutoTokenizer.from_pretrained(sft)
-    refs = {}
-    for i, (pref, alpha) in enumerate(TARGETS):
-        out = merge_checkpoints(bbs, root / f"ref-{i}", preference=list(pref), beta=0.7, alpha=alpha, sft=sft,
-                                progress=False)
-        ref_model = AutoModelForCausalLM.from_pretrained(out).eval()
-        refs[(pref, alpha)] = dict(zip(PROMPTS, _greedy_texts(ref_model, tok, PROMPTS)))
-    # The test means something only if the preferences generate different text.
-    assert len({tuple(r.values()) for r in refs.values()}) == len(TARGETS)
-    return root, sft, bbs, tok, refs
-
-
-def _live(tiny):
-    _, sft, bbs, tok, _ = tiny
-    model = AutoModelForCausalLM.from_pretrained(sft).eval()
-    soup = LiveSoup(model, bbs, beta=0.7, sft=sft)
-    return soup, model, tok
+def tiny(serve_tiny):
+    return serve_tiny
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    soup, model, tok = _live(tiny)
-    soup.set_preference([0.5, 0.5])
-    app = create_app(soup, model, tok, api_key=KEY, max_tokens_limit=LIMIT)
-    with ServerThread(app) as srv:
+    srv, app, soup = start_server(tiny)
+    srv.tiny = tiny
+    with srv:
         yield srv, app, soup
-
-
-class Client:
-    """A keep-alive HTTP/1.1 connection to the test server (one per thread)."""
-
-    def __init__(self, srv, key=KEY, timeout=30.0):
-        self.conn = http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
-        self.key = key
-
-    def request(self, method, path, body=None, key=None, raw=None):
-        headers = {"Content-Type": "application/json"}
-        key = self.key if key is None else key
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        self.conn.request(method, path, body=data, headers=headers)
-        resp = self.conn.getresponse()
-        text = resp.read().decode()
-        ctype = resp.getheader("content-type", "")
-        return resp.status, (json.loads(text) if ctype.startswith("application/json") else text), resp
-
-    def post(self, path, body=None, **kw):
-        return self.request("POST", path, body, **kw)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def close(self):
-        self.conn.close()
-
-
-def _complete(client, prompt, target=None, **extra):
-    body = {"model": "bonesoup", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
-    if target is not None:
-        body["preference"], body["alpha"] = list(target[0]), target[1]
-    return client.post("/v1/completions", body)
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -139,15 +52,25 @@ def test_health_models_metrics(server):
     assert status == 200 and body["object"] == "list"
     (m,) = body["data"]
     assert m["id"] == "bonesoup" and m["n_objectives"] == 2 and m["max_tokens_limit"] == LIMIT
+    # Enough to rebuild what the client talks to: the inputs, the method and the current weights.
+    tiny = srv.tiny
+    assert m["backbones"] == [str(b) for b in tiny.backbones] and m["sft"] == str(tiny.sft)
+    assert m["method"] == "bone" and m["method"] in merge_method_names() and m["beta"] == 0.7
+    assert m["weights_version"] == soup.version and m["preference"] == soup.preference
+    assert m["alpha"] == soup.alpha and m["context_length"] == 128 and m["max_prompt_tokens"] == 127
     status, text, resp = c.get("/metrics")
     assert status == 200 and resp.getheader("content-type").startswith("text/plain")
     for needle in ("# TYPE bonesoup_remerge_seconds histogram", "# TYPE bonesoup_generation_seconds histogram",
                    "# TYPE bonesoup_requests_total counter", "# TYPE bonesoup_request_errors_total counter",
-                   'bonesoup_remerge_seconds_bucket{le="+Inf"}', "bonesoup_weights_version"):
+                   "# TYPE bonesoup_completion_tokens_total counter", 'bonesoup_remerge_seconds_bucket{le="+Inf"}',
+                   f"bonesoup_weights_version {float(soup.version)}"):
         assert needle in text, needle
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]+="[^"]*",?)*\})? -?[0-9.e+Inf-]+$')
-    for line in text.splitlines():
-        assert line.startswith("# ") or sample.match(line), line
+    assert metric_value(text, "bonesoup_requests_total", endpoint="/v1/models", code="200") >= 1
+    # The exposition format parses (prometheus_client's own parser).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"bonesoup_remerge_seconds", "bonesoup_requests", "bonesoup_prompt_tokens"} <= set(families)
     c.close()
 
 
@@ -180,7 +103,7 @@ def test_auth(server):
 
 def test_completion_response_shape(server, tiny):
     srv, _, _ = server
-    refs = tiny[4]
+    refs = tiny.greedy
     c = Client(srv)
     target = TARGETS[3]
     status, body, _ = _complete(c, PROMPTS[:3], target)
@@ -208,43 +131,13 @@ def test_completion_response_shape(server, tiny):
     c.close()
 
 
-def test_sampling(server, tiny):
-    srv, _, _ = server
-    refs = tiny[4]
-    c = Client(srv)
-    target = TARGETS[1]
-    extra = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 1234}
-    a = _complete(c, PROMPTS[:2], target, **extra)[1]
-    b = _complete(c, PROMPTS[:2], target, **extra)[1]
-    assert [ch["text"] for ch in a["choices"]] == [ch["text"] for ch in b["choices"]]  # same seed, same text
-    # top_k = 1 goes through the sampler but can only pick the argmax: the greedy text.
-    g = _complete(c, PROMPTS[2], target, temperature=1.5, top_k=1, seed=7)[1]
-    assert g["choices"][0]["text"] == refs[target][PROMPTS[2]]
-    # It does sample: different seeds, different texts; none needs to be the greedy one.
-    texts = {_complete(c, PROMPTS[0], target, temperature=1.0, seed=s)[1]["choices"][0]["text"] for s in range(5)}
-    assert len(texts) >= 3
-    # Unseeded sampled requests are batched; they all succeed.
-    results = []
-
-    def fire():
-        cl = Client(srv)
-        results.append(_complete(cl, PROMPTS[3], target, temperature=1.0)[0])
-        cl.close()
-
-    threads = [threading.Thread(target=fire) for _ in range(6)]
-    [t.start() for t in threads]
-    [t.join(30) for t in threads]
-    assert results == [200] * 6
-    c.close()
-
-
 # ----------------------------------------------------------------------------- the load test
 
 
 def test_load_interleaved_preferences_match_offline_merges(server, tiny):
     """~200 greedy requests from 4 threads at 4 interleaved targets, plus /v1/preference calls."""
     srv, app, soup = server
-    refs = tiny[4]
+    refs = tiny.greedy
     n_threads, per_thread, deadline = 4, 50, time.monotonic() + 60.0
     records, errors, pref_calls = [], [], []
     lock = threading.Lock()
@@ -370,9 +263,8 @@ def test_bad_preference_requests_name_the_field(server, body, field):
 
 
 def test_alpha_without_sft_is_refused(tiny):
-    _, sft, bbs, tok, _ = tiny
-    model = AutoModelForCausalLM.from_pretrained(sft).eval()
-    app = create_app(LiveSoup(model, bbs, beta=0.7), model, tok)
+    model = AutoModelForCausalLM.from_pretrained(tiny.sft).eval()
+    app = create_app(LiveSoup(model, tiny.backbones, beta=0.7), model, tiny.tok)
     with ServerThread(app) as srv:
         c = Client(srv, key="")
         got, resp, _ = c.post("/v1/completions", {"prompt": "x", "preference": [0.5, 0.5], "alpha": 0.3})
@@ -383,14 +275,14 @@ def test_alpha_without_sft_is_refused(tiny):
 
 def test_still_serves_after_bad_requests(server, tiny):
     srv, app, _ = server
-    refs = tiny[4]
+    refs = tiny.greedy
     c = Client(srv)
     c.post("/v1/completions", raw=b"{{{{")
     status, body, _ = _complete(c, PROMPTS[0], TARGETS[0])
     assert status == 200 and body["choices"][0]["text"] == refs[TARGETS[0]][PROMPTS[0]]
     assert app.state.engine.alive
     _, text, _ = c.get("/metrics")
-    assert re.search(r'bonesoup_request_errors_total\{endpoint="/v1/completions",code="400"\} [1-9]', text)
+    assert metric_value(text, "bonesoup_request_errors_total", endpoint="/v1/completions", code="400") >= 1
     c.close()
 
 
@@ -398,8 +290,8 @@ def test_still_serves_after_bad_requests(server, tiny):
 
 
 def test_engine_groups_by_preference_and_batched_greedy_matches(tiny):
-    _, _, _, tok, refs = tiny
-    soup, model, tok = _live(tiny)
+    refs = tiny.greedy
+    soup, model, tok = tiny.live()
     soup.set_preference(list(TARGETS[0][0]), alpha=TARGETS[0][1])
     engine = Engine(soup, model, tok, autostart=False, batch_greedy=True)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -420,36 +312,7 @@ def test_engine_groups_by_preference_and_batched_greedy_matches(tiny):
     assert versions[3] == v0  # the current weights go first, without a re-merge
     assert versions[0] == versions[2] == v0 + 1 and versions[1] == versions[4] == v0 + 2
     assert versions[5] == v0 + 3
-    assert engine.metrics.batch_rows.sum == len(jobs) * len(PROMPTS) and engine.metrics.batch_rows.count == 4
-
-
-@pytest.mark.parametrize("temperature, top_k, top_p, want", [
-    (1.0, 0, 1.0, [0.4, 0.3, 0.15, 0.1, 0.05]),
-    (0.5, 0, 1.0, [16 / 28.5, 9 / 28.5, 2.25 / 28.5, 1 / 28.5, 0.25 / 28.5]),  # p ** 2, renormalised
-    (1.0, 2, 1.0, [4 / 7, 3 / 7, 0, 0, 0]),
-    (1.0, 0, 0.7, [4 / 7, 3 / 7, 0, 0, 0]),  # the smallest set whose mass reaches 0.7
-    (1.0, 0, 0.71, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0]),
-    (1.0, 3, 0.5, [4 / 7, 3 / 7, 0, 0, 0]),
-])
-def test_row_sampler_distribution(temperature, top_k, top_p, want):
-    """Per-row generators draw from the filtered distribution (fixed seeds: deterministic, no flake)."""
-    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
-    draws = 2000
-    rows = [_Row([1], 1, temperature, top_p, top_k, seed, [], exact=False) for seed in range(draws)]
-    scores = p.log().expand(draws, 5).clone()
-    out = _RowSampler(rows, torch.device("cpu"))(None, scores)
-    assert torch.isfinite(out).sum(1).eq(1).all()  # exactly one token left per row
-    freq = torch.bincount(out.argmax(1), minlength=5).double() / draws
-    assert freq.tolist() == pytest.approx(want, abs=0.04)
-    for w, f in zip(want, freq.tolist()):
-        assert w > 0 or f == 0  # filtered tokens are never drawn
-    # A row's draw depends on its own seed only, not on the rows beside it.
-    alone = _RowSampler(rows[7:8], torch.device("cpu"))(None, scores[7:8])
-    assert alone.argmax(1).item() == out[7].argmax().item()
-    # Greedy rows pass through untouched.
-    greedy = _Row([1], 1, 0.0, 1.0, 0, None, [], exact=True)
-    kept = _RowSampler([greedy, rows[0]], torch.device("cpu"))(None, scores[:2])
-    assert torch.equal(kept[0], scores[0])
+    assert engine.metrics.totals("bonesoup_generation_batch_rows") == (4, len(jobs) * len(PROMPTS))
 
 
 # ----------------------------------------------------------------------------- the command line

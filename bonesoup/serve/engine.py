@@ -1,0 +1,341 @@
+"""The engine of ``bonesoup serve``: one worker thread owns the model, re-merges it and decodes.
+
+Scheduling. Requests are queued. Each round the worker takes everything
+queued, groups it by target weights (preference, alpha), serves the group of
+the current weights first and then the other groups in order of their oldest
+request, re-merging (``LiveSoup.set_preference``) before each group whose
+target differs. A request is therefore generated at exactly its requested
+weights, inside ``soup.reading()``, and reports that weights version; nothing
+that arrives later overtakes it by more than one round.
+
+Decoding goes through the one decode loop,
+``guided_generate(model, [], [1.0], ids, mask, seed=<[B] keys>, ...,
+on_invalid="stop")`` with ``ids, mask = left_pad(...)``: the fused sampler
+(temperature, top-k, top-p, min-p), Philox draws keyed per row. Prompt i of a
+request with ``seed: s`` and k prompts has the key ``row_seeds(s, k)[i]``,
+the key ``guided_generate(seed=s)`` gives it on that request's own batch; a
+request without a seed gets a random 63-bit ``s``. A row's tokens therefore
+depend on its key, prompt and parameters only, never on its neighbours.
+
+Exactness. Greedy rows and seeded rows are decoded alone: batching with
+padding changes the logits in the last bits (5e-6 on the tiny GPT-2), which
+can flip a near-tie or a draw near a boundary. Unseeded sampled rows are
+batched up to ``max_batch_size``; ``batch_greedy=True`` batches every row.
+
+Isolation. A row the sampler cannot sample (its logits over the temperature
+are not finite: ``GuidedGeneration.invalid``) fails its own request with a
+422 naming the likely field; the other rows of the batch decode on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from bonesoup.decode.batching import left_pad, resolve_stop_and_pad, row_seeds
+from bonesoup.decode.guided import guided_generate
+from bonesoup.serve.metrics import Metrics
+from bonesoup.serve.protocol import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, RequestError, bad_field
+
+__all__ = ["CURRENT", "Engine"]
+
+log = logging.getLogger(__name__)
+
+CURRENT = object()  #: target of a request that omitted its preference: whatever is current
+
+
+@dataclass
+class _Row:
+    """One prompt of one request."""
+
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int  # 0 = off
+    min_p: float
+    key: int  # Philox key, int64
+    stop: list[str]
+    exact: bool  # greedy or seeded: decoded alone unless batch_greedy
+    job: "_Job" = field(repr=False, default=None)
+    result: tuple[str, str, int] | None = None  # text, finish_reason, completion tokens
+    error: RequestError | None = None
+
+
+@dataclass
+class _Job:
+    kind: str  # "completion" or "preference"
+    target: Any  # (tuple(preference), alpha) or CURRENT
+    rows: list[_Row]
+    future: concurrent.futures.Future
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """The single owner of the model: a queue, a worker thread, re-merges and ``guided_generate`` calls.
+
+    ``submit`` is thread-safe and returns a ``concurrent.futures.Future``.
+    ``step`` serves one round (everything queued at its start) in the calling
+    thread; the worker thread (``start``) calls it in a loop.
+    """
+
+    def __init__(self, soup, model, tokenizer, *, metrics: Metrics | None = None, batch_greedy: bool = False,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
+                 autostart: bool = True):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.soup, self.model, self.tokenizer = soup, model, tokenizer
+        self.metrics = metrics or Metrics()
+        self.batch_greedy = bool(batch_greedy)
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue = int(max_queue)
+        self.autostart = bool(autostart)  # False: nothing runs until step() is called (tests)
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
+        self.remerges: deque = deque(maxlen=100_000)  # (reason, RemergeInfo)
+        self._queue: list[_Job] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # The stop tokens guided_generate uses by default for this model, so a served row stops
+        # exactly where guided_generate(model, ...) stops.
+        self.stop_ids, pad = resolve_stop_and_pad(model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad
+        cfg = model.config
+        self.context_length = next((int(v) for v in (getattr(cfg, a, None) for a in (
+            "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")) if v), None)
+
+    # -- state
+
+    def current(self):
+        """The weights the model holds: (tuple(preference), alpha), or None before the first re-merge."""
+        soup = self.soup
+        return None if soup.preference is None else (tuple(float(x) for x in soup.preference), float(soup.alpha))
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- tokenizer (called from a thread pool, never on the event loop)
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt (an empty prompt becomes the BOS token); 400 ``prompt`` on failure."""
+        try:
+            with self.tokenizer_lock:
+                ids = self.tokenizer(list(prompts))["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer cannot take is the prompt's fault
+            raise bad_field("prompt", f"the tokenizer cannot encode it ({type(exc).__name__})") from None
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return [list(x) if len(x) else [bos] for x in ids]
+
+    # -- queue
+
+    @staticmethod
+    def make_job(prompt_ids: Sequence[Sequence[int]], target=None, *, max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> _Job:
+        """A completion job (already validated): one row per prompt.
+
+        ``target`` is ``(tuple(preference), alpha)``, or None for "the current
+        weights". Row i's Philox key is ``row_seeds(seed, len(prompt_ids))[i]``
+        (``seed`` None: a random 63-bit seed); ``top_k`` -1 means off, like 0.
+        """
+        job = _Job("completion", CURRENT if target is None else target, [], concurrent.futures.Future())
+        keys = row_seeds(secrets.randbits(63) if seed is None else int(seed), len(prompt_ids)).tolist()
+        exact = temperature == 0 or seed is not None
+        for ids, key in zip(prompt_ids, keys):
+            job.rows.append(_Row(list(ids), int(max_tokens), float(temperature), float(top_p), max(0, int(top_k)),
+                                 float(min_p), key, list(stop), exact, job=job))
+        return job
+
+    @staticmethod
+    def preference_job(preference: Sequence[float], alpha: float = 0.0) -> _Job:
+        """A "re-merge now" job; its future's result is the RemergeInfo."""
+        return _Job("preference", (tuple(float(x) for x in preference), float(alpha)), [],
+                    concurrent.futures.Future())
+
+    def submit(self, job: _Job) -> concurrent.futures.Future:
+        with self._cv:
+            if len(self._queue) >= self.max_queue:
+                raise RequestError(503, f"the server is busy ({len(self._queue)} requests queued); retry later",
+                                   None, "server_busy")
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cv.notify()
+        if self.autostart:
+            self.start()
+        return job.future
+
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="bonesoup-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._cv:  # fail whatever is left
+            left, self._queue = self._queue, []
+        for job in left:
+            if not job.future.done():
+                job.future.set_exception(RequestError(503, "the server is shutting down", None, "server_shutdown"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # pragma: no cover - step fails jobs itself; this is a last resort
+                log.exception("engine round failed")
+
+    # -- one round
+
+    def step(self) -> int:
+        """Serve everything queued now, grouped by target weights. Returns the number of jobs handled."""
+        with self._cv:
+            jobs, self._queue = self._queue, []
+            self.metrics.queue_depth.set(0)
+        if not jobs:
+            return 0
+        current = self.current()
+        groups: dict[Any, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(current if job.target is CURRENT else job.target, []).append(job)
+        for key in sorted(groups, key=lambda k: k != current):  # stable: current first, then by oldest job
+            try:
+                self._serve_group(key, groups[key])
+            except Exception as exc:  # a failed re-merge or a bug: fail this group, keep serving
+                log.exception("serving a group of %d requests failed", len(groups[key]))
+                for job in groups[key]:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+        return len(jobs)
+
+    def _remerge(self, key, reason: str):
+        pref, alpha = key
+        info = self.soup.set_preference(list(pref), alpha=alpha)
+        self.metrics.count_remerge(reason, info.seconds)
+        self.metrics.weights_version.set(info.version)
+        self.remerges.append((reason, info))
+        log.debug("re-merged to preference %s alpha %s: version %d in %.2f ms (%s)", list(pref), alpha,
+                  info.version, info.seconds * 1e3, reason)
+        return info
+
+    def _serve_group(self, key, jobs: list[_Job]) -> None:
+        prefs = [j for j in jobs if j.kind == "preference"]
+        comps = [j for j in jobs if j.kind == "completion"]
+        if prefs:  # "re-merge now": one re-merge answers every /v1/preference call of the round at this target
+            info = self._remerge(key, "api")
+            for j in prefs:
+                j.future.set_result(info)
+        for _attempt in range(3):
+            if not comps:
+                return
+            if key is not None and key != self.current():
+                self._remerge(key, "request")
+            with self.soup.reading() as version:
+                if key != self.current():  # someone outside the engine re-merged in between: again
+                    continue
+                self._generate_jobs(comps, version, key)
+                return
+        raise RuntimeError("the weights kept changing under the engine (another writer calls set_preference)")
+
+    def _units(self, rows: list[_Row]) -> list[list[_Row]]:
+        alone = [[r] for r in rows if r.exact and not self.batch_greedy]
+        rest = [r for r in rows if not r.exact or self.batch_greedy]
+        rest.sort(key=lambda r: (r.max_tokens, len(r.ids)))  # stable; limits padding and wasted steps
+        return alone + [rest[i: i + self.max_batch_size] for i in range(0, len(rest), self.max_batch_size)]
+
+    def _generate_jobs(self, jobs: list[_Job], version: int, key) -> None:
+        rows = [r for j in jobs for r in j.rows]
+        for unit in self._units(rows):
+            try:
+                self.generate_rows(unit)
+            except Exception as exc:
+                # Not expected (the protocol validated every row). Decode the rows alone, so that one
+                # row's failure stays its own request's.
+                log.exception("guided_generate failed for %d prompts", len(unit))
+                for r in unit:
+                    try:
+                        if len(unit) > 1:
+                            self.generate_rows([r])
+                            continue
+                    except Exception as alone_exc:  # noqa: BLE001
+                        exc = alone_exc
+                    r.error = RequestError(500, f"generation failed: {type(exc).__name__}: {exc}", None,
+                                           "server_error")
+        pref, alpha = (list(key[0]), key[1]) if key is not None else (None, float(self.soup.alpha))
+        for job in jobs:
+            error = next((r.error for r in job.rows if r.error is not None), None)
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result({"weights_version": version, "preference": pref, "alpha": alpha,
+                                       "rows": [r.result for r in job.rows]})
+
+    def generate_rows(self, rows: Sequence[_Row]) -> None:
+        """One ``guided_generate`` call over ``rows`` (left padded); fills each row's ``result`` or ``error``.
+
+        The caller holds ``soup.reading()``.
+        """
+        ids, mask = left_pad([r.ids for r in rows], self.pad_id)
+        t0 = time.perf_counter()
+        out = guided_generate(
+            self.model, [], [1.0], ids, mask, max_new_tokens=max(r.max_tokens for r in rows),
+            temperature=[r.temperature for r in rows], top_k=[r.top_k for r in rows],
+            top_p=[r.top_p for r in rows], min_p=[r.min_p for r in rows],
+            seed=torch.tensor([r.key for r in rows], dtype=torch.int64),
+            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, on_invalid="stop")
+        self.metrics.generation.observe(time.perf_counter() - t0)
+        self.metrics.batch_rows.observe(len(rows))
+        new, lengths, invalid = out.new_tokens.tolist(), out.lengths.tolist(), out.invalid.tolist()
+        for r, toks, n, bad in zip(rows, new, lengths, invalid):
+            if bad and n < r.max_tokens:  # within this row's own max_tokens: its request fails
+                r.error = self._invalid_row_error(r, n)
+                continue
+            toks = toks[: min(n, r.max_tokens)]
+            reason = "length"
+            if toks and toks[-1] in self.stop_ids:
+                toks, reason = toks[:-1], "stop"
+            with self.tokenizer_lock:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            for s in r.stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+            r.result = (text, reason, len(toks))
+            self.metrics.count_tokens(len(r.ids), r.result[2])
+
+    def _invalid_row_error(self, row: _Row, step: int) -> RequestError:
+        if row.temperature > 0:
+            return RequestError(422, f"temperature: {row.temperature!r} is too small to sample with: at step "
+                                f"{step} the logits divided by it are not finite, so no token can be drawn; "
+                                "send 0 for greedy decoding or a larger temperature", "temperature")
+        alpha = float(self.soup.alpha)
+        param = "alpha" if alpha else "preference"
+        return RequestError(422, f"{param}: the model's logits at these weights are not finite at step {step} "
+                            "(NaN or inf), so no token can be drawn", param)
