@@ -68,13 +68,19 @@ class Tiny:
         return LiveSoup(model, self.backbones, beta=BETA, sft=self.sft), model, self.tok
 
 
+_TINY: dict = {}  # one Tiny per session: each importing module gets its own copy of the fixture
+
+
 @pytest.fixture(scope="session")
 def serve_tiny(tmp_path_factory):
     import transformers
 
-    transformers.logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
-        return Tiny(tmp_path_factory.mktemp("serve"))
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _TINY:
+        transformers.logging.disable_progress_bar()
+        with torch.random.fork_rng(devices=[]):
+            _TINY[key] = Tiny(tmp_path_factory.mktemp("serve"))
+    return _TINY[key]
 
 
 def start_server(tiny: Tiny, **kw):

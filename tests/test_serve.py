@@ -18,7 +18,18 @@ from transformers import AutoModelForCausalLM
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_fixtures import KEY, LIMIT, MAX_TOKENS, PROMPTS, TARGETS, Client, complete, metric_value, serve_tiny, start_server  # noqa: E402,F401,E501
+from serve_fixtures import (  # noqa: E402,F401 (serve_tiny: a fixture)
+    KEY,
+    LIMIT,
+    MAX_TOKENS,
+    PROMPTS,
+    TARGETS,
+    Client,
+    complete,
+    metric_value,
+    serve_tiny,
+    start_server,
+)
 
 from bonesoup.merge.live import LiveSoup  # noqa: E402
 from bonesoup.merge.methods import merge_method_names  # noqa: E402

@@ -17,7 +17,7 @@ pytest.importorskip("uvicorn")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from serve_fixtures import MAX_TOKENS, PROMPTS, TARGETS, Client, complete, serve_tiny, start_server  # noqa: E402,F401
+from serve_fixtures import PROMPTS, TARGETS, Client, complete, serve_tiny, start_server  # noqa: E402,F401
 
 from bonesoup.serve import CompletionRequest, PreferenceRequest, ServerThread, create_app  # noqa: E402
 

@@ -135,7 +135,9 @@ class Engine:
         try:
             with self.tokenizer_lock:
                 ids = self.tokenizer(list(prompts))["input_ids"]
-        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer cannot take is the prompt's fault
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pyo3 panics of the Rust tokenizers derive from BaseException
             raise bad_field("prompt", f"the tokenizer cannot encode it ({type(exc).__name__})") from None
         tok = self.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
