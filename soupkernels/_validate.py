@@ -1,0 +1,64 @@
+"""Boundary checks shared by the public ops, run before any kernel sees a pointer.
+
+The kernels (csrc/, Triton) read and write through raw addresses. A tensor
+whose memory is not a plain strided buffer (sparse, nested, meta, torch's
+storage-less efficient zero tensors) would hand them a NULL or meaningless
+address, so it is refused here by name. Scalars are checked in the precision
+the kernels compute in (float32): 1e39 is finite in float64 but inf in the
+kernel, and would turn a whole output into inf/NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: Largest finite float32; coefficients beyond it (after rounding) become inf in the kernels.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Smallest positive normal float32.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def storage_problem(t: torch.Tensor) -> str | None:
+    """Why ``t``'s memory cannot be passed to a kernel as one raw pointer, or None when it can."""
+    if t.layout != torch.strided:
+        return (f"is a {str(t.layout).replace('torch.', '')} tensor; the kernels take dense strided tensors "
+                "(convert with .to_dense())")
+    if t.is_nested:
+        return "is a nested tensor; the kernels take dense strided tensors (pad it, e.g. .to_padded_tensor(0.0))"
+    if t.is_meta:
+        return "is on the meta device and holds no data"
+    if t._is_zerotensor():
+        return ("is one of torch's storage-less efficient zero tensors (data_ptr 0); "
+                "materialise it first, e.g. torch.zeros_like(t)")
+    if t.numel() and t.data_ptr() == 0:
+        return "has no storage (data_ptr is 0)"
+    return None
+
+
+def check_storage(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``t`` is a dense tensor with real storage."""
+    problem = storage_problem(t)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}")
+
+
+def float32_value(v: float) -> float:
+    """``v`` rounded to float32 (inf when out of its range), as a Python float."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
+
+
+def check_finite_float32(values, name: str) -> None:
+    """Raise ValueError naming ``name[i]`` for the first value that is not finite once rounded to float32.
+
+    ``values``: a sequence of Python floats (already finite in float64 or not).
+    """
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite; {name}[{i}] is {v!r}")
+        if not math.isfinite(float32_value(v)):
+            raise ValueError(f"{name}[{i}] = {v!r} is not finite in float32, the precision the kernels use "
+                             f"(|value| must stay below {FLOAT32_MAX:.4g})")
