@@ -323,10 +323,15 @@ def _read(job: _Job, batch: _Batch, stack: ExitStack) -> list[list[torch.Tensor]
 
     def get(ck: CheckpointDir, key: str) -> torch.Tensor:
         file = ck.tensors[key].file
-        if (id(ck), file) not in handles:
-            handles[(id(ck), file)] = stack.enter_context(ck.open_file(file))
+        try:
+            if (id(ck), file) not in handles:
+                handles[(id(ck), file)] = stack.enter_context(ck.open_file(file))
+            t = handles[(id(ck), file)].get_tensor(key)
+        except OSError:
+            raise
+        except Exception as exc:  # the safetensors library's own errors: name the file and key
+            raise ValueError(f"{ck.path / file}: cannot read key {key!r}: {exc}") from exc
         job.stats["bytes_read"] += ck.tensors[key].nbytes
-        t = handles[(id(ck), file)].get_tensor(key)
         # A valid file whose header length (or a preceding tensor's size) is
         # not a multiple of this element size maps the tensor at an unaligned
         # address, which the kernels refuse: copy it to aligned memory.
