@@ -102,11 +102,11 @@ def _check_group(tensors, out, where: str) -> None:
     call); only a failing group pays for the detailed error.
     """
     try:
-        shape, dev = out.shape, out.device
-        # Sparse and nested tensors have no single data pointer; meta and
-        # storage-less zero tensors report 0: none may reach a kernel.
-        ok = out.layout == torch.strided and not out.is_nested and dev.type != "meta"
+        # Sparse and nested tensors have no single data pointer (nor, nested,
+        # a shape); meta and storage-less zero tensors report 0: none may reach a kernel.
+        ok = out.layout == torch.strided and not out.is_nested and out.device.type != "meta"
         if ok:
+            shape, dev = out.shape, out.device
             o_lo = out.data_ptr()
             ok = (out.dtype in DTYPE_CODE and out.is_contiguous() and o_lo % out.element_size() == 0
                   and not out.is_neg() and (o_lo != 0 or out.numel() == 0) and not out._is_zerotensor())
