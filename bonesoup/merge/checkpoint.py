@@ -174,15 +174,16 @@ class CheckpointDir:
 
         source = str(index_path) if weight_map is not None else f"checkpoint {self.path}"
         self._files: dict[str, Path] = {}
-        infos: dict[str, TensorInfo] = {}
-        for shard in self.shards:
+        for shard in self.shards:  # every name confined before any file is read
             shard_path = _confined(self._root, shard, source)
-            if not shard_path.is_file():
-                raise FileNotFoundError(f"{self.path / shard} is listed in {source} but does not exist "
-                                        "or is not a regular file")
             if shard_path in self._files.values():
                 raise ValueError(f"{source} names the same file twice ({shard!r} resolves to {shard_path})")
             self._files[shard] = shard_path
+        infos: dict[str, TensorInfo] = {}
+        for shard, shard_path in self._files.items():
+            if not shard_path.is_file():
+                raise FileNotFoundError(f"{self.path / shard} is listed in {source} but does not exist "
+                                        "or is not a regular file")
             for info in read_header(shard_path, shard):
                 key = info.key
                 if key in infos:
