@@ -38,7 +38,8 @@ KW = dict(beta=0.7, progress=False)
 
 def tensors(seed: int, dtype=torch.float32, scale: float = 1.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a": (scale * torch.randn(2, 3, generator=g)).to(dtype), "b": (scale * torch.randn(5, generator=g)).to(dtype),
+    return {"a": (scale * torch.randn(2, 3, generator=g)).to(dtype),
+            "b": (scale * torch.randn(5, generator=g)).to(dtype),
             "steps": torch.tensor([seed], dtype=torch.int64)}
 
 
@@ -81,7 +82,8 @@ def pair(tmp_path):
 
 def test_index_path_traversal_is_refused(tmp_path, pair):
     victim = write_ckpt(tmp_path / "victim", tensors(99))
-    for entry in ["../victim/model.safetensors", str(victim / "model.safetensors"), "sub/../../victim/model.safetensors"]:
+    entries = ["../victim/model.safetensors", str(victim / "model.safetensors"), "sub/../../victim/model.safetensors"]
+    for entry in entries:
         d = tmp_path / f"evil{abs(hash(entry))}"
         write_ckpt(d, tensors(5), shards={"model-00001-of-00001.safetensors": ["a", "b", "steps"]})
         idx = d / "model.safetensors.index.json"

@@ -100,7 +100,9 @@ def clean_stale_temp_dirs(target: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in sorted(target.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
-        if not m or not (entry.is_dir() or entry.is_symlink()) or _writer_alive(int(m.group(2)), m.group(3) and int(m.group(3))):
+        if not m or not (entry.is_dir() or entry.is_symlink()):  # a link: a symlinked output moved aside
+            continue
+        if _writer_alive(int(m.group(2)), m.group(3) and int(m.group(3))):
             continue
         if m.group(1) == "old" and not target.exists():
             log.warning("restoring %s from %s, left by a run (pid %s) that died while replacing it",

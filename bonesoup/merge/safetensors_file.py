@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -65,16 +66,11 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # delete table: everything but brackets
-_STRING_RE = None  # compiled on first use
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _json_depth(data: bytes) -> int:
     """Deepest nesting of ``[``/``{`` outside strings, in linear time (numpy), whatever the size."""
-    global _STRING_RE
-    if _STRING_RE is None:
-        import re
-
-        _STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
     brackets = _STRING_RE.sub(b"", data).translate(None, _BRACKETS)
     if not brackets:
         return 0
