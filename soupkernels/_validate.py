@@ -33,7 +33,11 @@ def storage_problem(t: torch.Tensor) -> str | None:
     if t._is_zerotensor():
         return ("is one of torch's storage-less efficient zero tensors (data_ptr 0); "
                 "materialise it first, e.g. torch.zeros_like(t)")
-    if t.numel() and t.data_ptr() == 0:
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError as exc:  # functorch (vmap/grad) wrappers, other storage-less subclasses
+        return f"has no storage a kernel can read ({exc}); pass a plain tensor"
+    if t.numel() and ptr == 0:
         return "has no storage (data_ptr is 0)"
     return None
 

@@ -126,7 +126,7 @@ def _check_group(tensors, out, where: str) -> None:
             if lo < o_hi and o_lo < lo + t.numel() * t.element_size() and not (lo == o_lo and t.dtype == out.dtype):
                 ok = False
                 break
-    except AttributeError:  # not a tensor
+    except (AttributeError, RuntimeError):  # not a tensor, or one whose data pointer cannot be read
         ok = False
     if not ok:
         _explain_group(tensors, out, where)

@@ -39,6 +39,8 @@ _BAD_TENSORS = {
     "meta": "torch.empty({shape}, device='meta')",
     "sparse": "torch.ones({shape}).to_sparse()",
     "nested": "torch.nested.nested_tensor([torch.ones({shape}[-1]), torch.ones({shape}[-1] + 1)])",
+    "fake": ("__import__('torch._subclasses.fake_tensor')._subclasses.fake_tensor"
+             ".FakeTensorMode().from_tensor(torch.ones({shape}))"),
 }
 _CASES = []
 for kind, make in _BAD_TENSORS.items():
@@ -59,6 +61,9 @@ for kind, make in _BAD_TENSORS.items():
         (f"guided_sample temperature {kind}",
          f"sk.guided_sample([torch.ones(4, 5)], [1.0], temperature={v})", "temperature"),
     ]
+_CASES.append(("merge inside vmap", "torch.vmap(lambda x: sk.merge([x], [1.0]))(torch.ones(2, 3))", "tensors[0]"))
+_CASES.append(("guided_sample inside vmap",
+               "torch.vmap(lambda x: sk.guided_sample([x[None]], [1.0]))(torch.ones(2, 3))", "logits[0]"))
 _CASES.append(("guided_sample [M, B, V] meta", "sk.guided_sample(torch.empty(1, 2, 5, device='meta'), [1.0])",
                "logits"))
 
