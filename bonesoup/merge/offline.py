@@ -389,17 +389,18 @@ def _check_finite(job: _Job, batch: _Batch, groups, outs, todo: list[int]) -> No
         if bool(torch.isfinite(out).all()):
             continue
         key = batch.keys[i]
+        where = f"key {key!r} (in {job.inputs[0].file_of(key)} and {len(job.inputs) - 1} more input(s))"
         xs = [x.double() for x in groups[i]]
         for ck, x in zip(job.inputs, xs):
             if bool(torch.isnan(x).any()):
                 raise ValueError(f"key {key!r} in {ck.file_of(key)} holds NaN values; refusing to merge it")
         ref = sum(c * x for c, x in zip(job.coeffs, xs))
         if bool(torch.isnan(ref).any()):
-            raise ValueError(f"key {key!r}: the inputs' infinite values cancel into NaN at these "
-                             f"coefficients {job.coeffs} (files {[str(ck.file_of(key)) for ck in job.inputs]})")
+            raise ValueError(f"{where}: the inputs' infinite values cancel into NaN at the coefficients "
+                             f"{job.coeffs}")
         wrong = ~torch.isfinite(out.double()) & torch.isfinite(ref)
         if bool(wrong.any()):
-            raise ValueError(f"key {key!r}: the merge overflows {out.dtype} (the float64 reference reaches "
+            raise ValueError(f"{where}: the merge overflows {out.dtype} (the float64 reference reaches "
                              f"{ref[wrong].abs().max().item():.4g}) at coefficients {job.coeffs}; lower alpha, "
                              "or merge into --dtype float32")
         # inf inputs that stay the same inf: the output is the reference's.
