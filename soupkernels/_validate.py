@@ -11,14 +11,19 @@ kernel, and would turn a whole output into inf/NaN.
 from __future__ import annotations
 
 import math
+import struct
 
-import numpy as np
 import torch
 
-#: Largest finite float32; coefficients beyond it (after rounding) become inf in the kernels.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Largest finite float32.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 #: Smallest positive normal float32.
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# |v| at and above which round-to-nearest-even float64 -> float32 gives inf:
+# the midpoint between FLOAT32_MAX = 2^128 - 2^104 and 2^128 (a tie goes to
+# the even neighbour, inf). Exact in float64.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+_F32 = struct.Struct("<f")
 
 
 def storage_problem(t: torch.Tensor) -> str | None:
@@ -50,9 +55,15 @@ def check_storage(t: torch.Tensor, name: str) -> None:
 
 
 def float32_value(v: float) -> float:
-    """``v`` rounded to float32 (inf when out of its range), as a Python float."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(v))
+    """``v`` rounded to float32 (inf when out of its range), as a Python float.
+
+    struct, not numpy: this runs on every sampling call and numpy's scalar
+    path (with its error-state context) costs microseconds.
+    """
+    try:
+        return _F32.unpack(_F32.pack(v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
 
 
 def check_finite_float32(values, name: str) -> None:
@@ -63,6 +74,6 @@ def check_finite_float32(values, name: str) -> None:
     for i, v in enumerate(values):
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite; {name}[{i}] is {v!r}")
-        if not math.isfinite(float32_value(v)):
+        if abs(v) >= _FLOAT32_OVERFLOW:
             raise ValueError(f"{name}[{i}] = {v!r} is not finite in float32, the precision the kernels use "
                              f"(|value| must stay below {FLOAT32_MAX:.4g})")

@@ -102,14 +102,15 @@ def _check_group(tensors, out, where: str) -> None:
     call); only a failing group pays for the detailed error.
     """
     try:
-        # Sparse and nested tensors have no single data pointer (nor, nested,
-        # a shape); meta and storage-less zero tensors report 0: none may reach a kernel.
-        ok = out.layout == torch.strided and not out.is_nested and out.device.type != "meta"
+        # Sparse and nested tensors have no single data pointer (nested: not
+        # even a shape); meta and storage-less zero tensors report data_ptr 0,
+        # which the `!= 0` tests below catch. None may reach a kernel.
+        ok = out.layout == torch.strided and not out.is_nested and not out.is_meta
         if ok:
             shape, dev = out.shape, out.device
             o_lo = out.data_ptr()
             ok = (out.dtype in DTYPE_CODE and out.is_contiguous() and o_lo % out.element_size() == 0
-                  and not out.is_neg() and (o_lo != 0 or out.numel() == 0) and not out._is_zerotensor())
+                  and not out.is_neg() and (o_lo != 0 or out.numel() == 0))
             o_hi = o_lo + out.numel() * out.element_size()
         for t in tensors if ok else ():
             if t.layout != torch.strided or t.is_nested:
@@ -117,8 +118,7 @@ def _check_group(tensors, out, where: str) -> None:
                 break
             lo = t.data_ptr()
             if not (t.shape == shape and t.device == dev and t.dtype in DTYPE_CODE and t.is_contiguous()
-                    and lo % t.element_size() == 0 and not t.is_neg() and (lo != 0 or t.numel() == 0)
-                    and not t._is_zerotensor()):
+                    and lo % t.element_size() == 0 and not t.is_neg() and (lo != 0 or t.numel() == 0)):
                 ok = False
                 break
             # Exact aliasing (out IS an input) is safe: every element is read
