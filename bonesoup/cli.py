@@ -5,7 +5,10 @@
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
 
-Errors in the user's input print one line naming what was wrong and exit 2.
+Errors in the user's input (bad arguments, malformed or hostile checkpoints,
+an existing output) print one line naming what was wrong, and the file, key
+or argument, and exit 2; any other error prints one line too and exits 1.
+``--debug`` (or ``BONESOUP_DEBUG=1``) prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 DEMO_DIR = Path("out") / "demo"
+_DEBUG_HELP = "print the traceback of an error, not only its one-line message (also BONESOUP_DEBUG=1)"
 
 
 def _add_merge(sub) -> None:
@@ -42,6 +49,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--workdir", type=Path, default=DEMO_DIR, help="demo only: where the tiny checkpoints go")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     p.set_defaults(func=_cmd_merge)
 
 
@@ -153,6 +161,7 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonesoup", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_bench(sub)
@@ -172,11 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    debug = args.debug or os.environ.get("BONESOUP_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:  # OSError covers missing files, ENOSPC, existing output
-        print(f"bonesoup {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"bonesoup {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error becomes one line; the traceback only when asked
+        if debug:
+            traceback.print_exc()
+        print(f"bonesoup {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _USER_ERRORS) else 1
+
+
+# Errors that describe the user's input: arguments, files (missing, malformed,
+# hostile), an existing output, ENOSPC. Anything else is ours: exit 1.
+_USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message with newlines folded, prefixed by its type unless a user error."""
+    msg = re.sub(r"\s*\n\s*", "; ", str(exc).strip()) or type(exc).__name__
+    if not isinstance(exc, _USER_ERRORS):
+        msg = f"{type(exc).__name__}: {msg} (run with --debug for the traceback)"
+    return msg
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ C++ extension ``soupkernels._C`` (CPU tensors) or plain torch; see
 ``backend_for`` and the ``SOUPKERNELS_BACKEND`` environment variable.
 """
 
+from soupkernels._dtypes import SUPPORTED_DTYPES, parse_dtype
 from soupkernels.backend import BACKENDS, backend_for, cpu_info
 from soupkernels.merge import merge, merge_many
 from soupkernels.reference import merge_reference
@@ -21,5 +22,7 @@ __all__ = [
     "backend_for",
     "cpu_info",
     "BACKENDS",
+    "SUPPORTED_DTYPES",
+    "parse_dtype",
     "__version__",
 ]

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from soupkernels._dtypes import DTYPE_CODE, dtype_code
+from soupkernels._validate import check_finite_float32, check_storage
 from soupkernels.backend import backend_for
 from soupkernels.reference import merge_reference
 
@@ -22,6 +23,7 @@ __all__ = ["merge", "merge_many"]
 
 def _coeff_list(coeffs, n: int | None) -> list[float]:
     if isinstance(coeffs, torch.Tensor):
+        check_storage(coeffs, "coeffs")
         if coeffs.dim() != 1:
             raise ValueError(f"coeffs must be 1-D, got shape {tuple(coeffs.shape)}")
         vals = [float(c) for c in coeffs.detach().cpu().double().tolist()]
@@ -37,6 +39,7 @@ def _coeff_list(coeffs, n: int | None) -> list[float]:
     bad = [i for i, c in enumerate(vals) if not math.isfinite(c)]
     if bad:
         raise ValueError(f"coeffs must be finite; entries {bad} are {[vals[i] for i in bad]}")
+    check_finite_float32(vals, "coeffs")  # the kernels multiply in float32
     return vals
 
 
@@ -60,6 +63,7 @@ def _explain_group(tensors, out, where: str) -> None:
         name = f"{where}[{k}]"
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_storage(t, name)  # first: the checks below read strides and addresses
         dtype_code(t.dtype, name)
         if t.shape != first.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {where}[0] has {tuple(first.shape)}")
@@ -71,6 +75,7 @@ def _explain_group(tensors, out, where: str) -> None:
     oname = f"out for {where}"
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{oname} must be a torch.Tensor, got {type(out).__name__}")
+    check_storage(out, oname)
     dtype_code(out.dtype, oname)
     if out.shape != first.shape:
         raise ValueError(f"{oname} has shape {tuple(out.shape)} but the inputs have {tuple(first.shape)}")
@@ -97,15 +102,23 @@ def _check_group(tensors, out, where: str) -> None:
     call); only a failing group pays for the detailed error.
     """
     try:
-        shape, dev = out.shape, out.device
-        o_lo = out.data_ptr()
-        ok = (out.dtype in DTYPE_CODE and out.is_contiguous() and o_lo % out.element_size() == 0
-              and not out.is_neg())
-        o_hi = o_lo + out.numel() * out.element_size()
-        for t in tensors:
+        # Sparse and nested tensors have no single data pointer (nested: not
+        # even a shape); meta and storage-less zero tensors report data_ptr 0,
+        # which the `!= 0` tests below catch. None may reach a kernel.
+        ok = out.layout == torch.strided and not out.is_nested and not out.is_meta
+        if ok:
+            shape, dev = out.shape, out.device
+            o_lo = out.data_ptr()
+            ok = (out.dtype in DTYPE_CODE and out.is_contiguous() and o_lo % out.element_size() == 0
+                  and not out.is_neg() and (o_lo != 0 or out.numel() == 0))
+            o_hi = o_lo + out.numel() * out.element_size()
+        for t in tensors if ok else ():
+            if t.layout != torch.strided or t.is_nested:
+                ok = False
+                break
             lo = t.data_ptr()
             if not (t.shape == shape and t.device == dev and t.dtype in DTYPE_CODE and t.is_contiguous()
-                    and lo % t.element_size() == 0 and not t.is_neg()):
+                    and lo % t.element_size() == 0 and not t.is_neg() and (lo != 0 or t.numel() == 0)):
                 ok = False
                 break
             # Exact aliasing (out IS an input) is safe: every element is read
@@ -113,7 +126,7 @@ def _check_group(tensors, out, where: str) -> None:
             if lo < o_hi and o_lo < lo + t.numel() * t.element_size() and not (lo == o_lo and t.dtype == out.dtype):
                 ok = False
                 break
-    except AttributeError:  # not a tensor
+    except (AttributeError, RuntimeError):  # not a tensor, or one whose data pointer cannot be read
         ok = False
     if not ok:
         _explain_group(tensors, out, where)
@@ -196,10 +209,12 @@ def merge(
     Parameters
     ----------
     tensors : sequence of torch.Tensor, length n >= 1
-        Same shape (any), same device, contiguous; dtypes float32, bfloat16 or
-        float16, mixed allowed.
+        Same shape (any), same device, contiguous, dense with storage (sparse,
+        nested, meta and storage-less zero tensors are refused); dtypes
+        float32, bfloat16 or float16, mixed allowed.
     coeffs : sequence of float or torch.Tensor, shape (n,)
-        Finite; negative values (extrapolation, Bone Soup) are fine.
+        Finite in float32 (the kernels' precision); negative values
+        (extrapolation, Bone Soup) are fine.
     out : torch.Tensor, optional
         Destination, same shape and device, contiguous, float32/bfloat16/
         float16. It may be exactly one of the inputs (in-place re-merge) but
@@ -224,6 +239,7 @@ def merge(
     if out is None:
         if not isinstance(tensors[0], torch.Tensor):
             raise TypeError(f"tensors[0] must be a torch.Tensor, got {type(tensors[0]).__name__}")
+        check_storage(tensors[0], "tensors[0]")  # a nested tensor has no shape to allocate from
         out = torch.empty(tensors[0].shape, dtype=tensors[0].dtype, device=tensors[0].device)
     _check_group(tensors, out, "tensors")
     _run([out], [tensors], vals)
@@ -278,6 +294,7 @@ def merge_many(
         for p, g in enumerate(groups):
             if not isinstance(g[0], torch.Tensor):
                 raise TypeError(f"groups[{p}][0] must be a torch.Tensor, got {type(g[0]).__name__}")
+            check_storage(g[0], f"groups[{p}][0]")
             outs.append(torch.empty(g[0].shape, dtype=g[0].dtype, device=g[0].device))
     else:
         outs = list(outs)

@@ -21,6 +21,7 @@ import torch
 
 from soupkernels import backend as _backend
 from soupkernels._dtypes import DTYPE_CODE
+from soupkernels._validate import FLOAT32_TINY, check_storage, float32_value
 from soupkernels.cpp_sampling import guided_sample_cpp_packed
 
 __all__ = ["guided_sample", "guided_logits", "MAX_INPUTS"]
@@ -32,6 +33,7 @@ MAX_INPUTS = 16
 def _inputs(logits) -> list[torch.Tensor]:
     """M tensors [B, V] from a [M, B, V] tensor or a sequence of [B, V] tensors."""
     if isinstance(logits, torch.Tensor):
+        check_storage(logits, "logits")
         if logits.dim() != 3:
             raise ValueError(
                 f"logits must be a [M, B, V] tensor or a list of M [B, V] tensors, got a tensor of shape "
@@ -50,6 +52,7 @@ def _inputs(logits) -> list[torch.Tensor]:
     for m, x in enumerate(xs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"logits[{m}] must be a torch.Tensor, got {type(x).__name__}")
+        check_storage(x, f"logits[{m}]")  # before any stride or address is read
         if not x.is_floating_point():
             raise TypeError(f"logits[{m}] has dtype {x.dtype}; logits must be floating point")
         if x.dim() != 2:
@@ -82,11 +85,18 @@ def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
         for m, v in enumerate(coeffs):
             if not math.isfinite(v):
                 raise ValueError(f"coeffs must be finite; coeffs[{m}] is {v}")
+            if not math.isfinite(float32_value(v)):  # the kernels combine in float32
+                raise ValueError(f"coeffs[{m}] = {v!r} is not finite in float32, the precision the kernels use")
         rows = np.empty((B, M), dtype=np.float32)
         rows[:] = coeffs
         rows = torch.from_numpy(rows)
         return rows if device.type == "cpu" else rows.to(device)
-    c = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs.float()
+    if isinstance(coeffs, torch.Tensor):
+        check_storage(coeffs, "coeffs")
+        # Checked in float32 (1e39 in float64 is inf there), on the host when it is on the host.
+        c = coeffs.detach().float()
+    else:
+        c = torch.as_tensor(coeffs, dtype=torch.float32)
     if c.dim() == 1:
         if c.numel() != M:
             raise ValueError(f"coeffs has {c.numel()} entries but logits holds M = {M} tensors")
@@ -96,11 +106,11 @@ def _coeff_rows(coeffs, B: int, M: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"coeffs has shape {tuple(c.shape)}; expected [M] = [{M}] or [B, M] = [{B}, {M}]")
     else:
         raise ValueError(f"coeffs must be [M] or [B, M], got shape {tuple(c.shape)}")
-    c = c.to(device).contiguous()
     if c.device.type == "cpu" and not torch.isfinite(c).all():
         bad = torch.nonzero(~torch.isfinite(c))[0].tolist()
-        raise ValueError(f"coeffs must be finite; coeffs at {bad} is {c[tuple(bad)].item()}")
-    return c
+        raise ValueError(f"coeffs must be finite in float32 (the kernels' precision); coeffs at {bad} is "
+                         f"{c[tuple(bad)].item()} there")
+    return c.to(device).contiguous()
 
 
 class _Range:
@@ -109,15 +119,22 @@ class _Range:
     def __init__(self, text: str, ok):
         self.text, self.ok = text, ok
 
-    def check(self, name: str, values: np.ndarray) -> None:
+    def check(self, name: str, values: np.ndarray, given: np.ndarray | None = None) -> None:
+        """``values`` as the kernel sees them; ``given``, if not None, what the caller passed."""
         with np.errstate(invalid="ignore"):
             bad = ~np.asarray(self.ok(values), dtype=bool)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}[{row}] = {values[row].item()!r} is out of range ({self.text})")
+            shown = values[row].item() if given is None else given[min(row, given.shape[0] - 1)].item()
+            there = f"; it is {values[row].item()!r} in float32" if given is not None else ""
+            raise ValueError(f"{name}[{row}] = {shown!r} is out of range ({self.text}){there}")
 
 
-_TEMPERATURE = _Range("finite and >= 0; 0 means greedy", lambda t: (t >= 0) & (t < math.inf))
+# Float parameters are range-checked after rounding to float32, as the kernels
+# read them: 1e39 is inf there, 1e-50 is 0. A positive temperature below
+# float32's smallest normal would make 1/T inf and every logit inf or NaN.
+_TEMPERATURE = _Range(f"0 (greedy) or in [{FLOAT32_TINY:.4g}, float32 max]",
+                      lambda t: (t == 0) | ((t >= FLOAT32_TINY) & (t < math.inf)))
 _TOP_K = _Range("an integer >= 0; 0 means off", lambda t: t >= 0)
 _TOP_P = _Range("in (0, 1]; 1 means off", lambda t: (t > 0) & (t <= 1))
 _MIN_P = _Range("in [0, 1]; 0 means off", lambda t: (t >= 0) & (t <= 1))
@@ -145,10 +162,15 @@ def _fill_row(dst: np.ndarray, value, name: str, rng: _Range) -> None:
             raise ValueError(f"{name}[0] = {value!r} is out of range (a 64-bit integer)")
         if not bool(rng.ok(value)):
             raise ValueError(f"{name}[0] = {value!r} is out of range ({rng.text})")
+        if not integral:
+            v32 = float32_value(value)
+            if not bool(rng.ok(v32)):
+                raise ValueError(f"{name}[0] = {value!r} is out of range ({rng.text}); it is {v32!r} in float32")
         dst.fill(value)
         return
     else:
         if isinstance(value, torch.Tensor):
+            check_storage(value, name)
             if integral and value.is_floating_point():
                 raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
             arr = value.detach().cpu().numpy()
@@ -166,7 +188,12 @@ def _fill_row(dst: np.ndarray, value, name: str, rng: _Range) -> None:
         if integral:
             arr = arr.astype(np.int64)  # out-of-range Python ints already failed in np.asarray
     rng.check(name, arr)
-    dst[:] = arr
+    if integral:
+        dst[:] = arr
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            dst[:] = arr
+        rng.check(name, dst, given=arr)
 
 
 def guided_logits(logits, coeffs) -> torch.Tensor:
@@ -235,7 +262,8 @@ def guided_sample(
     coeffs : [M] or [B, M]
         Weights of the M models, shared or per row; negative allowed.
     temperature : float or [B]
-        >= 0; 0 = greedy (argmax, lowest index on ties; log-prob 0).
+        0 = greedy (argmax, lowest index on ties; log-prob 0), else at least
+        float32's smallest normal (1.2e-38) and finite in float32.
     top_k : int or [B]
         Keep the k largest (ties at the k-th value kept); 0 = off.
     top_p : float or [B]

@@ -534,6 +534,9 @@ def test_checkpoint_dir_reads_headers(single32, sharded32):
 
 
 def test_parse_dtype():
+    # one dtype table (issue 12): bonesoup's names are soupkernels' own
+    assert ckpt_mod.parse_dtype is soupkernels.parse_dtype
+    assert ckpt_mod.MERGEABLE_DTYPES == soupkernels.SUPPORTED_DTYPES
     assert ckpt_mod.parse_dtype(None) is None
     assert ckpt_mod.parse_dtype("bf16") is torch.bfloat16
     assert ckpt_mod.parse_dtype("torch.float16") is torch.float16

@@ -81,3 +81,76 @@ def test_demo_alpha_zero_is_zero(tmp_path, capsys):
     assert main(["merge", "--workdir", str(tmp_path / "demo"), "--alpha", "0", "--no-progress"]) == 0
     report = json.loads((tmp_path / "demo" / "merged" / "bonesoup-merge.json").read_text())
     assert report["alpha"] == 0.0
+
+
+# --------------------------------------------------------------------------- hostile inputs: one line, no traceback
+
+
+def _one_line_error(capsys, rc, expected_rc=2):
+    err = capsys.readouterr().err
+    assert rc == expected_rc, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bonesoup merge: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _evil_copy(tmp_path, src, edit):
+    import shutil
+
+    d = tmp_path / "evil"
+    shutil.copytree(src, d)
+    edit(d)
+    return d
+
+
+@pytest.mark.parametrize("case", ["traversal", "deep-config", "bad-header", "library-refuses", "symlink-out"])
+def test_hostile_checkpoints_end_in_one_line_naming_the_file(tiny, tmp_path, capsys, case):
+    sft, (b0, b1) = tiny
+
+    def edit(d):
+        weights = d / "model.safetensors"
+        if case == "traversal":
+            (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                "transformer.wte.weight": "../victim.safetensors"}}))
+        elif case == "deep-config":
+            (d / "config.json").write_text("[" * 50_000 + "]" * 50_000)
+        elif case == "bad-header":
+            weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+        elif case == "library-refuses":  # trailing bytes no tensor covers: safetensors refuses on read
+            with open(weights, "ab") as f:
+                f.write(b"\x00" * 16)
+        else:
+            (d / "tokenizer.json").unlink()
+            (d / "tokenizer.json").symlink_to(sft.parent)
+
+    evil = _evil_copy(tmp_path, b1, edit)  # first: its layout and side files are the ones used
+    rc = main(["merge", str(evil), str(b0), "--out", str(tmp_path / "o"), "--preference", "0.5", "0.5",
+               "--beta", "0.7", "--no-progress"])
+    line = _one_line_error(capsys, rc)
+    assert str(evil) in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "victim.safetensors").exists()
+
+
+def test_huge_alpha_is_one_line_naming_alpha(tiny, tmp_path, capsys):
+    sft, (b0, b1) = tiny
+    rc = main(["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), "--preference", "0.5", "0.5",
+               "--beta", "0.7", "--alpha", "1e39", "--sft", str(sft), "--no-progress"])
+    assert "alpha=1e+39" in _one_line_error(capsys, rc) and not (tmp_path / "o").exists()
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tiny, tmp_path, capsys, monkeypatch):
+    import bonesoup.merge.offline as offline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(offline, "merge_checkpoints", boom)
+    sft, (b0, b1) = tiny
+    argv = ["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), "--preference", "0.5", "0.5", "--beta", "0.7"]
+    line = _one_line_error(capsys, main(argv), expected_rc=1)
+    assert "RuntimeError: kernel exploded; second line" in line and "--debug" in line
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        assert main(debug_argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("bonesoup merge: error: RuntimeError")
