@@ -53,7 +53,7 @@ HOSTILE = [
     (b'{"prompt": "x", "user": "\\udc00"}', 400, "user"),
     ({"prompt": "x", "preference": [0.5, 0.5], "alpha": 1e39}, 400, "alpha"),  # coefficients overflow float32
     ({"prompt": "x", "preference": [1.0, 0.0], "alpha": -3e38}, 400, "alpha"),
-    ({"prompt": "x", "temperature": 1e-45}, 422, "temperature"),  # valid, but no token can be drawn
+    ({"prompt": "x", "temperature": 1e-45}, 400, "temperature"),  # subnormal in float32: 1 / T is inf
     ({"prompt": "x", "temperature": 1e-50}, 400, "temperature"),  # rounds to 0 in float32
     ({"prompt": "x", "temperature": 1e39}, 400, "temperature"),  # inf in float32
     ({"prompt": "x", "top_p": 1e-50}, 400, "top_p"),

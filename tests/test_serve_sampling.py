@@ -146,29 +146,48 @@ def test_sampled_token_distribution_chi_square(batched_server, serve_tiny, tempe
 # ----------------------------------------------------------------------------- per-row isolation
 
 
+class _NaNForMarkedRows(torch.nn.Module):
+    """The served model, but rows whose prompt holds ``marker`` get NaN logits at the prefill step."""
+
+    def __init__(self, inner, marker: int):
+        super().__init__()
+        self.inner, self.marker = inner, marker
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, input_ids=None, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        if input_ids.shape[1] > 1:
+            rows = (input_ids == self.marker).any(-1)
+            out.logits[rows] = float("nan")
+        return out
+
+
 def test_an_invalid_row_fails_its_request_only(serve_tiny):
-    """A tiny temperature makes a row unsamplable (logits / T overflow): 422 for it, exact replies for the rest."""
+    """A row the sampler cannot sample (NaN logits) fails its own request (422); the rest of the batch is exact."""
     tiny = serve_tiny
     soup, model, tok = tiny.live()
     target = TARGETS[1]
     soup.set_preference(list(target[0]), alpha=target[1])
-    engine = Engine(soup, model, tok, autostart=False, batch_greedy=True)  # every row in one batch
     enc = lambda p: tok(p)["input_ids"]  # noqa: E731
+    marker = enc(PROMPTS[3])[0]
+    assert all(marker not in enc(p) for p in PROMPTS[:3] + PROMPTS[5:6]), "pick prompts without the marker"
+    engine = Engine(soup, _NaNForMarkedRows(model, marker), tok, autostart=False, batch_greedy=True)  # one batch
     greedy = engine.make_job([enc(p) for p in PROMPTS[:3]], target, max_tokens=MAX_TOKENS)
-    bad = engine.make_job([enc(PROMPTS[3]), enc(PROMPTS[4])], target, max_tokens=MAX_TOKENS, temperature=1e-45)
+    bad = engine.make_job([enc(PROMPTS[3])], target, max_tokens=MAX_TOKENS, temperature=0.7)
     sampled = engine.make_job([enc(PROMPTS[5])], target, max_tokens=MAX_TOKENS, temperature=1.0, top_k=1, seed=3)
     for j in (greedy, bad, sampled):
         engine.submit(j)
     assert engine.step() == 3
     with pytest.raises(RequestError) as err:
         bad.future.result(0)
-    assert err.value.status == 422 and err.value.param == "temperature" and "temperature" in err.value.message
+    # The logits (not the temperature) are at fault here; TARGETS[1] has alpha 0.
+    assert err.value.status == 422 and err.value.param == "preference" and "step 0" in err.value.message
     assert [t for t, _, _ in greedy.future.result(0)["rows"]] == [tiny.greedy[target][p] for p in PROMPTS[:3]]
     assert sampled.future.result(0)["rows"][0][0] == tiny.greedy[target][PROMPTS[5]]  # top_k=1: the argmax
 
 
 def test_an_invalid_row_over_http(server, serve_tiny):
-    """Unseeded sampled requests are batched; the one with the tiny temperature gets 422, the others 200."""
+    """Unseeded sampled requests are batched; the one with a subnormal temperature gets a 4xx naming it, the others 200."""
     srv, app, _ = server
     target, results = TARGETS[1], {}
     barrier = threading.Barrier(6)
@@ -183,7 +202,7 @@ def test_an_invalid_row_over_http(server, serve_tiny):
     [t.start() for t in threads]
     [t.join(60) for t in threads]
     status, body = results[0]
-    assert status == 422 and body["error"]["param"] == "temperature", body
+    assert status in (400, 422) and body["error"]["param"] == "temperature", body
     for i in range(1, 6):
         assert results[i][0] == 200 and results[i][1]["usage"]["completion_tokens"] >= 1, results[i]
     assert app.state.engine.alive

@@ -333,7 +333,9 @@ class Engine:
             self.metrics.count_tokens(len(r.ids), r.result[2])
 
     def _invalid_row_error(self, row: _Row, step: int) -> RequestError:
-        if row.temperature > 0:
+        # Finite logits z only overflow z / T when |z| > float32 max * T: plausible for T < 1e-30
+        # (|z| > 3e8 is not), so a larger temperature is blamed only there; otherwise the weights are.
+        if 0 < row.temperature < 1e-30:
             return RequestError(422, f"temperature: {row.temperature!r} is too small to sample with: at step "
                                 f"{step} the logits divided by it are not finite, so no token can be drawn; "
                                 "send 0 for greedy decoding or a larger temperature", "temperature")

@@ -44,6 +44,7 @@ DEFAULT_MAX_QUEUE = 1024
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_SEQUENCES = 4
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -174,12 +175,14 @@ class CompletionRequest(_Strict):
     @field_validator("temperature")
     @classmethod
     def check_temperature(cls, v):
-        # The sampler reads float32: above its max the temperature is inf, and a positive value
-        # that rounds to 0 would silently turn into greedy decoding.
+        # The sampler's rule (soupkernels' boundary): 0 (greedy) or a normal float32. Above float32's
+        # max the temperature is inf; below its smallest normal, 1/T is inf (or T rounds to 0 and
+        # would silently become greedy decoding).
         if v > _FLOAT32_MAX:
             raise ValueError(f"must be <= {_FLOAT32_MAX:.6g} (float32), got {v!r}")
-        if v > 0 and float(np.float32(v)) == 0.0:
-            raise ValueError(f"{v!r} rounds to 0 in float32; send 0 for greedy decoding")
+        if 0 < v < _FLOAT32_TINY:
+            raise ValueError(f"{v!r} is below float32's smallest normal number ({_FLOAT32_TINY:.4g}); "
+                             "send 0 for greedy decoding or a larger temperature")
         return v
 
     @field_validator("top_p")
