@@ -81,3 +81,22 @@ def test_demo_alpha_zero_is_zero(tmp_path, capsys):
     assert main(["merge", "--workdir", str(tmp_path / "demo"), "--alpha", "0", "--no-progress"]) == 0
     report = json.loads((tmp_path / "demo" / "merged" / "bonesoup-merge.json").read_text())
     assert report["alpha"] == 0.0
+
+
+def test_method_choices_come_from_the_registry(tiny, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from bonesoup.merge.methods import MERGE_METHODS, MergeMethod
+
+    sft, (b0, b1) = tiny
+    argv = ["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), "--preference", "0.9", "0.1", "--method",
+            "uniform", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, listing the registered names
+        main(argv)
+    assert exc.value.code == 2 and "'bone', 'rewarded'" in capsys.readouterr().err
+    monkeypatch.setitem(MERGE_METHODS, "uniform", MergeMethod(
+        "uniform", "test only: every backbone 1/n", False, lambda n, beta: np.full((n, n), 1.0 / n)))
+    assert main(argv) == 0  # no --beta asked for: the method does not read it
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "uniform" and report["beta"] is None
+    assert [i["coefficient"] for i in report["inputs"]] == pytest.approx([0.5, 0.5], abs=1e-15)
