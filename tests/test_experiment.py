@@ -56,8 +56,9 @@ def test_hypervolumes_recompute_from_the_reported_points(toy_run):
     _, _, saved = toy_run
     s, seed = saved["summary"], saved["per_seed"]["0"]
     ref = np.asarray(s["reference_point"])
-    every = np.concatenate([np.asarray(p) for p in seed["points"].values()] + [np.asarray(list(seed["morlhf"].values()))])
-    np.testing.assert_allclose(ref, every.min(0) - TOY.get("hv_margin", ExperimentConfig.hv_margin), rtol=0, atol=1e-12)
+    every = np.concatenate([np.asarray(p) for p in seed["points"].values()]
+                           + [np.asarray(list(seed["morlhf"].values()))])
+    np.testing.assert_allclose(ref, every.min(0) - ExperimentConfig.hv_margin, rtol=0, atol=1e-12)
     prefs = preference_grid(3)
     for m, v in s["methods"].items():
         if m == "morlhf":
