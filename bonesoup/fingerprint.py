@@ -53,7 +53,7 @@ def checkpoint_fingerprint(path: str | os.PathLike, marker: str = "bonesoup-sft.
 
     A directory we built records its fingerprint in ``marker`` (the task SFT's
     ``bonesoup-sft.json``); any other checkpoint is fingerprinted by the bytes
-    of its ``*.safetensors`` files, in name order.
+    of its ``*.safetensors`` files (else its ``*.bin`` files), in name order.
     """
     path = Path(path)
     try:
@@ -61,9 +61,9 @@ def checkpoint_fingerprint(path: str | os.PathLike, marker: str = "bonesoup-sft.
     except (OSError, ValueError, KeyError, TypeError):
         pass
     h = hashlib.sha256()
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"{path}: no {marker} and no *.safetensors files to fingerprint")
+        raise FileNotFoundError(f"{path}: no {marker} and no *.safetensors or *.bin weights to fingerprint")
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):

@@ -38,3 +38,7 @@ def test_checkpoint_fingerprint_uses_the_recorded_one_else_the_weights(tmp_path)
     assert checkpoint_fingerprint(tmp_path) == "abc123"
     with pytest.raises(FileNotFoundError, match="no bonesoup-sft.json and no"):
         checkpoint_fingerprint(tmp_path / "missing")
+    (tmp_path / "bin").mkdir()
+    torch.save({"w": torch.ones(2)}, tmp_path / "bin" / "pytorch_model.bin")
+    assert checkpoint_fingerprint(tmp_path / "bin") == hashlib.sha256(
+        (tmp_path / "bin" / "pytorch_model.bin").read_bytes()).hexdigest()[:16]
