@@ -169,6 +169,19 @@ def main(argv=None) -> int:
                 samples[k].append(v)
         print(f"  round {i}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items()), file=sys.stderr)
 
+    # What the run can know exactly: the live weights after set_preference are sum_k c_k x_k (float64
+    # reference from the same inputs), and the state-dict loop computes the same model.
+    check = None
+    if not args.lazy:
+        soup.set_preference(prefs[1], alpha=0.1)
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ref = {k: sum(c * sd[k].double() for c, sd in zip(coeffs, backbones + [sft])) for k in sft}
+        check = {"max_abs_err_vs_fp64": max(float((live[k].double() - ref[k]).abs().max()) for k in ref),
+                 "max_abs_ref": max(float(ref[k].abs().max()) for k in ref)}
+        if not args.no_naive:
+            naive()
+            check["max_abs_diff_loop_vs_ours"] = max(float((v.double() - live[k].double()).abs().max())
+                                                     for k, v in model.state_dict().items())
     best = {k: min(v) for k, v in samples.items() if v}
     med = {k: statistics.median(v) for k, v in samples.items() if v}
     result = {
@@ -177,6 +190,8 @@ def main(argv=None) -> int:
         "cpu": sk.cpu_info(), "torch": torch.__version__, "command": " ".join(sys.argv),
         "shape": args.shape, "dtype": args.dtype, "n": args.n, "parameters": params,
         "param_bytes": soup.param_bytes, "bytes_moved": nbytes, "launches": len(arenas),
+        "coefficients": coeffs, "preference": prefs[1], "alpha": 0.1, "check": check,
+        "samples": {k: len(v) for k, v in samples.items() if v},
         "best_s": best, "median_s": med,
         "set_preference_over_bare": best["set_preference"] / best["bare_kernel"],
         "set_preference_over_copy": best["set_preference"] / best["copy"],

@@ -43,8 +43,16 @@ FILTERS = {
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def torch_path(xs, coeffs, temperature, top_k=0, top_p=1.0, gen=None):
-    """The reference path people run: combine, transformers' warpers, softmax, multinomial."""
+def torch_combine(xs, coeffs):
+    """z = sum_m c_m * x_m in fp32, the way the reference path combines."""
+    z = coeffs[0] * xs[0].float()
+    for c, x in zip(coeffs[1:], xs[1:]):
+        z = z + c * x.float()
+    return z
+
+
+def torch_warp(z, temperature, top_k=0, top_p=1.0):
+    """transformers' own warpers: filtered-out tokens get -inf."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -52,15 +60,17 @@ def torch_path(xs, coeffs, temperature, top_k=0, top_p=1.0, gen=None):
         TopPLogitsWarper,
     )
 
-    z = coeffs[0] * xs[0].float()
-    for c, x in zip(coeffs[1:], xs[1:]):
-        z = z + c * x.float()
     procs = [TemperatureLogitsWarper(temperature)]
     if top_k:
         procs.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
         procs.append(TopPLogitsWarper(top_p))
-    z = LogitsProcessorList(procs)(None, z)
+    return LogitsProcessorList(procs)(None, z)
+
+
+def torch_path(xs, coeffs, temperature, top_k=0, top_p=1.0, gen=None):
+    """The reference path people run: combine, transformers' warpers, softmax, multinomial."""
+    z = torch_warp(torch_combine(xs, coeffs), temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen).squeeze(1)
 
 
@@ -84,10 +94,20 @@ def bench_row(B, V, M, filt, dtype, device, repeats):
                        warmup=1 if i == 0 else 0)
         ref += timeit(lambda: torch_path(xs, coeffs, gen=tgen, **kw), device, 1, warmup=1 if i == 0 else 0)
     floor_s = min(floor) / 2
+    # What the run can know exactly: the fused combination is the fp32 one, and every token ours drew lies
+    # in the support transformers' warpers leave (a timing of a wrong kernel would be worthless).
+    z_ref = torch_combine(xs, coeffs)
+    combine_err = float((sk.guided_logits(xs, coeffs) - z_ref).abs().max()) / float(z_ref.abs().max())
+    tok = sk.guided_sample(xs, coeffs, seed=seeds, offset=0, **kw)
+    kept = torch.isfinite(torch_warp(z_ref, **kw))
+    outside = int((~kept.gather(1, tok[:, None])).sum())
     row = {
         "B": B, "V": V, "M": M, "filters": filt, "dtype": str(dtype).removeprefix("torch."),
         "input_bytes": in_bytes, "ours_s": min(ours), "ours_median_s": statistics.median(ours),
         "torch_s": min(ref), "torch_median_s": statistics.median(ref), "floor_s": floor_s,
+        "samples": {"ours": len(ours), "torch": len(ref), "floor": len(floor)},
+        "combine_rel_err": combine_err, "ours_outside_support": outside,
+        "support_tokens": int(kept.sum()),
     }
     row["speedup_vs_torch"] = row["torch_s"] / row["ours_s"]
     row["speedup_vs_torch_median"] = row["torch_median_s"] / row["ours_median_s"]

@@ -23,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bonesoup.merge.methods import MERGE_METHODS, get_merge_method, merge_method_names
+
 DEMO_DIR = Path("out") / "demo"
 _DEBUG_HELP = "print the traceback of an error, not only its one-line message (also BONESOUP_DEBUG=1)"
 
@@ -43,7 +45,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--alpha", type=float, help="extrapolation strength (needs --sft when non-zero; default 0, "
                    "demo 0.1)")
     p.add_argument("--sft", type=Path, help="SFT checkpoint directory (for --alpha)")
-    p.add_argument("--method", choices=["bone", "rewarded"], default="bone")
+    p.add_argument("--method", choices=merge_method_names(), default="bone",
+                   help="; ".join(f"{m.name}: {m.description}" for m in MERGE_METHODS.values()))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: as input)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (streams through the GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -62,8 +65,8 @@ def _cmd_merge(args) -> int:
         raise ValueError("--out is required when backbone directories are given")
     if args.preference is None:
         raise ValueError("--preference is required (one weight per backbone, summing to 1)")
-    if args.method == "bone" and args.beta is None:
-        raise ValueError("--beta is required for --method bone")
+    if get_merge_method(args.method).needs_beta and args.beta is None:
+        raise ValueError(f"--beta is required for --method {args.method}")
     out = merge_checkpoints(
         args.backbones, args.out, preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, sft=args.sft,
         method=args.method, dtype=args.dtype, device=args.device, force=args.force, progress=not args.no_progress,

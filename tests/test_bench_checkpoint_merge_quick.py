@@ -37,8 +37,16 @@ def test_bench_checkpoint_merge_tiny(tmp_path, capsys, load_benchmark):
         assert len(r["runs"]) == 1 and 0 < r["min_s"] <= r["median_s"]
         # a real process with torch imported: tens of MiB at least, and not the benchmark's own RSS
         assert 50 * 2**20 < r["max_rss_bytes"] < 4 * 2**30
-    assert res["speedup_median"] > 0 and res["ideal_bytes"] > 4 * res["model"]["weight_bytes_per_checkpoint"]
+    # What the run knows exactly: every input read once, the output written once (the ideal), and the
+    # coefficients the merge used are the ones the benchmark gave the loop.
+    model_bytes, n = res["model"]["weight_bytes_per_checkpoint"], res["model"]["n_backbones"]
+    assert res["ideal_bytes"] == (n + 2) * model_bytes  # n backbones + SFT read, one checkpoint written
+    report = res["cases"]["ours"]["runs"][0]["report"]  # bonesoup merge's own bonesoup-merge.json
+    assert report["bytes_read"] == (n + 1) * model_bytes and report["bytes_written"] == model_bytes
+    assert report["bytes_read"] + report["bytes_written"] == res["ideal_bytes"]
+    assert [i["coefficient"] for i in report["inputs"]] == pytest.approx(res["coefficients"], abs=1e-12)
     assert abs(sum(res["coefficients"]) - 1.0) < 1e-9  # (1 + alpha) * 1 - alpha
+    assert res["speedup_median"] == pytest.approx(res["cases"]["naive"]["median_s"] / res["cases"]["ours"]["median_s"])
     # the last thing printed is the table; outputs were cleaned up, the cached inputs kept
     tail = printed.rstrip().splitlines()[-12:]
     assert any(line.startswith("bonesoup merge (ours)") for line in tail)

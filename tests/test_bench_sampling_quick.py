@@ -8,10 +8,22 @@ def test_bench_sampling_quick(tmp_path, capsys, load_benchmark):
     out = tmp_path / "s.json"
     assert mod.main(["--quick", "--repeats", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert len(r["rows"]) == 2 * 2  # B in {1, 8} x two filter settings
-    for row in r["rows"]:
-        assert row["ours_s"] > 0 and row["torch_s"] > 0 and row["floor_s"] > 0
-        assert row["input_bytes"] == row["B"] * row["V"] * row["M"] * 2
+    rows = {(row["B"], row["filters"]): row for row in r["rows"]}
+    assert set(rows) == {(b, f) for b in (1, 8) for f in mod.FILTERS}  # B in {1, 8} x two filter settings
+    for (b, filt), row in rows.items():
+        assert (row["V"], row["M"], row["dtype"]) == (4096, 2, "bfloat16")
+        assert row["input_bytes"] == b * 4096 * 2 * 2  # M bf16 [B, V] inputs, read once
+        assert row["samples"] == {"ours": 2, "torch": 2, "floor": 2}  # --repeats, alternated
+        assert 0 < row["ours_s"] <= row["ours_median_s"] and 0 < row["torch_s"] <= row["torch_median_s"]
+        assert row["speedup_vs_torch"] == row["torch_s"] / row["ours_s"]
+        assert row["ours_over_floor"] == row["ours_s"] / row["floor_s"]
+        # The timed kernel is the right one: its combination is the fp32 sum, its tokens are in the support.
+        assert row["combine_rel_err"] < 1e-6
+        assert row["ours_outside_support"] == 0
+        if filt == "temp":
+            assert row["support_tokens"] == b * 4096  # temperature alone filters nothing
+        else:
+            assert b <= row["support_tokens"] <= 50 * b  # top-k 50, then top-p
     assert "vs torch" in capsys.readouterr().out
 
 

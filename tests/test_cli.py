@@ -154,3 +154,22 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tiny, tmp_
         assert main(debug_argv) == 1
         err = capsys.readouterr().err
         assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("bonesoup merge: error: RuntimeError")
+
+
+def test_method_choices_come_from_the_registry(tiny, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from bonesoup.merge.methods import MERGE_METHODS, MergeMethod
+
+    sft, (b0, b1) = tiny
+    argv = ["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), "--preference", "0.9", "0.1", "--method",
+            "uniform", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, listing the registered names
+        main(argv)
+    assert exc.value.code == 2 and "'bone', 'rewarded'" in capsys.readouterr().err
+    monkeypatch.setitem(MERGE_METHODS, "uniform", MergeMethod(
+        "uniform", "test only: every backbone 1/n", False, lambda n, beta: np.full((n, n), 1.0 / n)))
+    assert main(argv) == 0  # no --beta asked for: the method does not read it
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "uniform" and report["beta"] is None
+    assert [i["coefficient"] for i in report["inputs"]] == pytest.approx([0.5, 0.5], abs=1e-15)

@@ -179,3 +179,22 @@ def test_per_objective_extrapolation_closed_form():
         per_objective_extrapolation(mu, [1.0, 0.0], beta=beta)
     with pytest.raises(ValueError, match="beta is required"):
         per_objective_extrapolation(mu, k)
+
+
+def test_registered_method_is_accepted_by_name_and_unknown_names_list_the_known(monkeypatch):
+    from bonesoup import merge_coefficients
+    from bonesoup.merge.methods import MERGE_METHODS, MergeMethod, get_merge_method, merge_method_names
+
+    with pytest.raises(ValueError, match="method must be one of 'bone', 'rewarded'.*got 'uniform'"):
+        merge_coefficients([0.3, 0.7], method="uniform")
+    uniform = MergeMethod("uniform", "test only: every backbone 1/n", False, lambda n, beta: np.full((n, n), 1.0 / n))
+    monkeypatch.setitem(MERGE_METHODS, "uniform", uniform)
+    assert get_merge_method("uniform") is uniform and merge_method_names()[-1] == "uniform"
+    c, s = merge_coefficients([0.3, 0.7], method="uniform", alpha=0.5)
+    np.testing.assert_allclose(c, [0.75, 0.75], rtol=0, atol=1e-15)  # (1 + alpha) / n each
+    assert s == -0.5
+    from bonesoup import per_objective_extrapolation
+
+    c, s = per_objective_extrapolation([0.3, 0.7], [2.0, 1.0], method="uniform")
+    np.testing.assert_allclose(c, [0.65, 0.65], rtol=0, atol=1e-15)  # column i = 1/n, weighted by mu_i k_i
+    assert s == pytest.approx(-0.3)

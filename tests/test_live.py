@@ -204,3 +204,28 @@ def test_set_coefficients_one_hot_is_bit_for_bit_and_matches_set_preference(tiny
         soup.set_coefficients([1.0, 0.0])
     with pytest.raises(ValueError, match="coefficients must hold 3 finite"):
         soup.set_coefficients([1.0, 0.0, float("nan")])
+
+
+def test_a_registered_method_works_live_and_offline_by_name(tiny, monkeypatch):
+    """The registry is the one place a method is added: LiveSoup and the offline merge accept it by name."""
+    import numpy as np
+
+    from bonesoup.merge.methods import MERGE_METHODS, MergeMethod
+
+    root, sft, bbs = tiny
+    with pytest.raises(ValueError, match="method must be one of 'bone', 'rewarded'.*got 'uniform'"):
+        LiveSoup(_load(sft), bbs, method="uniform")
+    monkeypatch.setitem(MERGE_METHODS, "uniform", MergeMethod(
+        "uniform", "test only: every backbone 1/n", False, lambda n, beta: np.full((n, n), 1.0 / n)))
+    model = _load(sft)
+    soup = LiveSoup(model, bbs, method="uniform")  # needs_beta=False: no beta asked for
+    soup.set_preference([0.9, 0.1])
+    assert soup.coefficients([0.9, 0.1]) == pytest.approx([0.5, 0.5])  # no sft row
+    out = merge_checkpoints(bbs, root / "offline-uniform", preference=[0.9, 0.1], method="uniform", force=True,
+                            progress=False)
+    ref = _load(out).state_dict()
+    a, b = _load(bbs[0]).state_dict(), _load(bbs[1]).state_dict()
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, ref[name]), name
+        if w.is_floating_point():
+            torch.testing.assert_close(w, 0.5 * a[name] + 0.5 * b[name], rtol=0, atol=1e-6)

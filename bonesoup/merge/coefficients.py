@@ -176,8 +176,8 @@ def per_objective_extrapolation(
     ----------
     preference : [n] on the simplex
     k : [n] finite factors, each > 0 (1 = no extrapolation; > 1 away from the SFT model)
-    method : {"bone", "rewarded"}
-    beta : float, required for ``"bone"``
+    method : str, a name registered in :mod:`bonesoup.merge.methods` (``"bone"``, ``"rewarded"``, ...)
+    beta : float, required where the method reads it (``"bone"``)
 
     Returns ``(backbone coefficients [n] float64, SFT coefficient float)``.
     """
@@ -213,7 +213,8 @@ def merge_coefficients(
 ) -> tuple[np.ndarray, float]:
     """Preference -> the coefficients of one merge, validating everything once.
 
-    ``method="bone"``: lambda = B^-1 mu (``beta`` required); ``"rewarded"``:
+    ``method`` names a registered merge method (:mod:`bonesoup.merge.methods`):
+    ``"bone"``: lambda = B^-1 mu (``beta`` required); ``"rewarded"``:
     lambda = mu. Extrapolation is folded in, so this returns
     ``(backbone coefficients [n] float64, SFT coefficient)``; the SFT
     coefficient is ``-alpha`` (0 without extrapolation). ``n``, if given, is

@@ -35,6 +35,7 @@ import soupkernels as sk
 
 from .checkpoint import MERGEABLE_DTYPES, CheckpointDir
 from .coefficients import merge_coefficients, validate_beta
+from .methods import get_merge_method
 
 __all__ = ["LiveSoup", "RemergeInfo"]
 
@@ -163,7 +164,8 @@ class LiveSoup:
         ``store="delta"``.
     device : torch.device or str, optional
         Where the arenas live; default the model's parameters' device.
-    method : {"bone", "rewarded"}
+    method : str, default "bone"
+        A name registered in :mod:`bonesoup.merge.methods` (``"bone"``, ``"rewarded"``, ...).
     store : {"full", "delta"}
         ``"delta"`` keeps backbones as ``theta_j - theta_sft`` (same bytes;
         the path to compressed deltas); the merge folds the SFT coefficient
@@ -190,20 +192,19 @@ class LiveSoup:
         method: str = "bone",
         store: str = "full",
     ):
-        if method not in ("bone", "rewarded"):
-            raise ValueError(f"method must be 'bone' or 'rewarded', got {method!r}")
+        spec = get_merge_method(method)  # the registry: a new method is accepted here by name
         if store not in ("full", "delta"):
             raise ValueError(f"store must be 'full' or 'delta', got {store!r}")
         if isinstance(backbones, (str, Path, Mapping)) or len(backbones) < 1:
             raise TypeError("backbones must be a non-empty sequence of checkpoint directories or state dicts")
-        if method == "bone":
+        if spec.needs_beta:
             if beta is None:
-                raise ValueError("beta is required for method='bone'")
+                raise ValueError(f"beta is required for method={method!r}")
             self.beta = validate_beta(beta)
-            if len(backbones) < 2:
-                raise ValueError(f"Bone Soup needs n >= 2 backbones, got {len(backbones)}")
         else:
             self.beta = None
+        if len(backbones) < 2:
+            raise ValueError(f"method={method!r} needs n >= 2 backbones, got {len(backbones)}")
         if store == "delta" and sft is None:
             raise ValueError("store='delta' keeps backbones as differences from the SFT model, so sft is required")
         self.model, self.method, self.store, self.n = model, method, store, len(backbones)

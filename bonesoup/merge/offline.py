@@ -44,6 +44,7 @@ from .checkpoint import (
     write_index,
 )
 from .coefficients import merge_coefficients
+from .methods import get_merge_method
 
 __all__ = ["MERGE_BATCH_BYTES", "merge_checkpoints"]
 
@@ -57,8 +58,6 @@ log = logging.getLogger(__name__)
 #: MiB at 64 MiB, 414 MiB at 32 MiB (223 MiB is python + torch). 32 MiB is
 #: still ~5 ms of kernel time per call on 2 cores: per-call overhead < 1%.
 MERGE_BATCH_BYTES = 32 * 2**20
-
-_METHODS = ("bone", "rewarded")
 
 
 def merge_checkpoints(
@@ -95,9 +94,9 @@ def merge_checkpoints(
         ``(1 + alpha) sum_j lambda_j theta_j - alpha theta_sft``.
     sft : path, optional
         SFT checkpoint directory; required when ``alpha != 0``.
-    method : {"bone", "rewarded"}
-        ``"bone"``: lambda = B^-1 mu (may be negative, never clipped);
-        ``"rewarded"``: lambda = mu.
+    method : str, default "bone"
+        A name registered in :mod:`bonesoup.merge.methods`: ``"bone"``:
+        lambda = B^-1 mu (may be negative, never clipped); ``"rewarded"``: lambda = mu.
     dtype : {None, "float32", "bfloat16", "float16"} or torch.dtype
         Output dtype of the merged float tensors; None keeps each tensor's
         input dtype. Accumulation is fp32 either way.
@@ -149,8 +148,7 @@ def merge_checkpoints(
     started = time.perf_counter()
 
     # 1. Arguments and coefficients, before touching any file.
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    spec = get_merge_method(method)
     if isinstance(backbones, (str, os.PathLike)):
         raise TypeError(f"backbones must be a sequence of checkpoint directories, got the single path {backbones!r}")
     backbones = [Path(b) for b in backbones]
@@ -247,7 +245,7 @@ def merge_checkpoints(
         report = {
             "method": method,
             "preference": [float(x) for x in pref],
-            "beta": None if method == "rewarded" or beta is None else float(beta),
+            "beta": None if not spec.needs_beta or beta is None else float(beta),
             "alpha": float(alpha),
             "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
             "device": str(device),

@@ -22,14 +22,16 @@ evaluation (``task_prompts("test")``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import time
 from pathlib import Path
 from typing import Sequence
+
 import torch
+
+from bonesoup.fingerprint import fingerprint
 
 __all__ = [
     "TASK_REWARDS",
@@ -135,10 +137,6 @@ def task_reward_fns() -> list:
     return [get_reward(name) for name in TASK_REWARDS]
 
 
-def _fingerprint(**kw) -> str:
-    return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def build_task_sft(out_dir: str | os.PathLike = DEFAULT_TASK_DIR / "sft", *, steps: int = 400, batch_size: int = 32,
                    lr: float = 3e-3, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, seed: int = 0,
                    force: bool = False, progress: bool = False) -> Path:
@@ -158,7 +156,7 @@ def build_task_sft(out_dir: str | os.PathLike = DEFAULT_TASK_DIR / "sft", *, ste
 
     out_dir = Path(out_dir)
     args = dict(steps=steps, batch_size=batch_size, lr=lr, n_embd=n_embd, n_layer=n_layer, n_head=n_head, seed=seed)
-    fp = _fingerprint(**args, corpus=task_corpus(seed), torch=torch.__version__)
+    fp = fingerprint({**args, "corpus": task_corpus(seed), "torch": torch.__version__})
     marker = out_dir / "bonesoup-sft.json"
     if not force and marker.is_file():
         try:

@@ -24,7 +24,6 @@ Q-values: the output at position t for vocabulary token v estimates
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from bonesoup.fingerprint import checkpoint_fingerprint, fingerprint
 
 __all__ = ["ValueData", "make_value_model", "load_value_model", "sample_value_data", "value_targets",
            "value_predictions", "value_loss", "ensemble_loss", "train_value_models"]
@@ -172,19 +173,6 @@ def ensemble_loss(models: Sequence, coeffs: Sequence[float], data: ValueData, we
     return num / max(den, 1.0)
 
 
-def _file_hash(path: Path) -> str:
-    marker = path / "bonesoup-sft.json"
-    if marker.is_file():
-        try:
-            return json.loads(marker.read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError):
-            pass
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathLike], *, rewards: Sequence[str],
                        weights: Sequence[Sequence[float]], prompts: Sequence[str], samples: int = 2048,
                        max_new_tokens: int = 20, temperature: float = 1.0, steps: int = 300, batch_size: int = 64,
@@ -234,11 +222,10 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
     for name, v in (("steps", steps), ("batch_size", batch_size), ("samples", samples)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    common = dict(sft=_file_hash(sft), rewards=names, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+    common = dict(sft=checkpoint_fingerprint(sft), rewards=names, prompts=fingerprint(list(prompts)),
                   samples=samples, T=max_new_tokens, temperature=temperature, steps=steps, batch_size=batch_size,
                   lr=lr, seed=seed, holdout=holdout, torch=torch.__version__)
-    fps = [hashlib.sha256(json.dumps({**common, "weights": w}, sort_keys=True).encode()).hexdigest()[:16]
-           for w in weights]
+    fps = [fingerprint({**common, "weights": w}) for w in weights]
 
     def cached(out: Path, fp: str) -> bool:
         try:
