@@ -20,6 +20,7 @@ from bonesoup.merge.coefficients import (
     validate_preference,
 )
 from bonesoup.merge.live import LiveSoup, RemergeInfo
+from bonesoup.merge.methods import MergeMethod, get_merge_method, merge_method_names, register_merge_method
 from bonesoup.merge.offline import merge_checkpoints
 from bonesoup.train.ppo import PPOConfig, PPOTrainer
 from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
@@ -33,6 +34,10 @@ __all__ = [
     "merge_coefficients",
     "per_objective_extrapolation",
     "validate_preference",
+    "MergeMethod",
+    "get_merge_method",
+    "merge_method_names",
+    "register_merge_method",
     "merge_checkpoints",
     "LiveSoup",
     "RemergeInfo",

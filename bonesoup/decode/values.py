@@ -119,9 +119,9 @@ class ValueSoup:
     model : module, optional
         The live merged model (its parameters become views into the merge
         arena); default: ``values[0]`` loaded from disk.
-    method : {"rewarded", "bone"}
-        How a preference becomes coefficients: ``mu`` itself (value models of
-        the single rewards) or ``B^-1 mu`` (of the backbone rewards, ``beta``).
+    method : str, a name registered in :mod:`bonesoup.merge.methods`
+        How a preference becomes coefficients: ``"rewarded"``, ``mu`` itself (value
+        models of the single rewards), or ``"bone"``, ``B^-1 mu`` (of the backbone rewards, ``beta``).
     device, dtype : where and in which dtype to load what is loaded here.
 
     Attributes

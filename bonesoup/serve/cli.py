@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from bonesoup.merge.methods import merge_method_names
+from bonesoup.merge.methods import get_merge_method, merge_method_names
 from bonesoup.serve.protocol import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT
 
 __all__ = ["SERVE_DEMO_DIR", "ServerThread", "add_serve_parser", "build_embedded_default", "build_from_args",
@@ -170,8 +170,8 @@ def build_from_args(args):
     from bonesoup.serve.app import create_app
 
     if args.backbones:
-        if args.method == "bone" and args.beta is None:
-            raise ValueError("--beta is required for --method bone")
+        if get_merge_method(args.method).needs_beta and args.beta is None:
+            raise ValueError(f"--beta is required for --method {args.method}")
         backbones, sft, beta, model_dir = args.backbones, args.sft, args.beta, args.model_dir
         for d in [*backbones, *([sft] if sft else []), *([model_dir] if model_dir else [])]:
             if not Path(d).is_dir():
