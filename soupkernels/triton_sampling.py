@@ -22,13 +22,11 @@ summation order at the boundaries). Tested on the CPU under
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from soupkernels.triton_merge import _ORDER, _as_ptr
+from soupkernels._triton_common import as_ptr, device_ctx, group_by_dtype
 
 BLOCK = 1024  # elements per step of the combine and walk loops
 CHUNK = 8 * BLOCK  # elements per combine program
@@ -47,7 +45,7 @@ def _sizes(dev: torch.device) -> dict:
 
 @triton.jit
 def _load_input(addrs, strides, j, b, idx, mask, CODE: tl.constexpr):
-    p = _as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
+    p = as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
     return tl.load(p + b * tl.load(strides + j) + idx, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -226,16 +224,11 @@ def _sample_kernel(
 
 def _table(xs, coeffs):
     """Inputs grouped f32 | bf16 | f16: address and stride tables, counts, reordered coefficients."""
-    order = sorted(range(len(xs)), key=lambda k: _ORDER.index(xs[k].dtype))
-    counts = [sum(1 for x in xs if x.dtype == o) for o in _ORDER]
+    order, counts = group_by_dtype([x.dtype for x in xs])
     dev = xs[0].device
     table = torch.tensor([[xs[k].data_ptr() for k in order], [xs[k].stride(0) for k in order]], dtype=torch.int64)
     table = table.to(dev, non_blocking=True)
     return table[0], table[1], counts, coeffs[:, order].contiguous()
-
-
-def _device_ctx(dev):
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def _combine(xs, coeffs, temperature, s_out, scale: bool):
@@ -257,7 +250,7 @@ def _combine(xs, coeffs, temperature, s_out, scale: bool):
 
 def guided_logits_triton(xs, coeffs, out) -> None:
     """out [B, V] fp32 = sum_m coeffs[:, m] * xs[m] (validated by soupkernels.sampling)."""
-    with _device_ctx(xs[0].device):
+    with device_ctx(xs[0].device):
         _combine(xs, coeffs, None, out, scale=False)
 
 
@@ -265,7 +258,7 @@ def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, off
     """Fills tokens [B] int64 and logprobs [B] fp32 (validated by soupkernels.sampling)."""
     B, V = xs[0].shape
     dev = xs[0].device
-    with _device_ctx(dev):
+    with device_ctx(dev):
         s = torch.empty((B, V), dtype=torch.float32, device=dev)
         part_max, part_arg, part_bad, nch = _combine(xs, coeffs, temperature, s, scale=True)
         _sample_kernel[(B,)](

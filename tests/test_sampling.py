@@ -26,10 +26,12 @@ from kernel_paths import simd_levels, use_backend
 from soupkernels import backend as sk_backend
 from soupkernels.philox import philox_uniform
 from soupkernels.sampling_reference import guided_logits_reference, guided_sample_reference, kept_mask_reference
+from soupkernels.torch_sampling import guided_sample_torch, kept_mask_torch
 
 
 KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
-    pytest.param(("triton", None), id="triton-interp")
+    pytest.param(("triton", None), id="triton-interp"),
+    pytest.param(("torch", None), id="torch"),  # the batched fallback (CUDA without Triton)
 ]
 
 
@@ -219,6 +221,44 @@ def test_cpp_matches_reference_property(B, V, M, temperature, top_k, top_p, min_
     tok = sk.guided_sample(xs, coeffs, seed=seed, **kw)
     ref, _ = _reference(xs, coeffs, seed=seed, acc_dtype=torch.float32, **kw)
     assert torch.equal(tok, ref)
+
+
+def test_torch_fallback_keeps_the_reference_sets_and_draws_its_tokens():
+    """The batched torch path: per row the reference's kept set, and its token for the same uniform."""
+    gen = torch.Generator().manual_seed(21)
+    B, V = 48, 301
+    z = torch.randn(B, V, generator=gen) * 3
+    z[::3] = torch.round(z[::3])  # ties, at the top-k and top-p boundaries too
+    z[1::4, ::5] = -float("inf")
+    temperature = torch.rand(B, generator=gen) * 2 + 0.1
+    top_k = torch.randint(0, 60, (B,), generator=gen) * (torch.rand(B, generator=gen) < 0.7)
+    top_k[:3] = torch.tensor([1, V, 10 * V])
+    top_p = torch.where(torch.rand(B, generator=gen) < 0.7, torch.rand(B, generator=gen), torch.ones(B))
+    top_p = top_p.clamp_min(1e-3)
+    min_p = torch.where(torch.rand(B, generator=gen) < 0.4, torch.rand(B, generator=gen) * 0.3, torch.zeros(B))
+    s = z / temperature[:, None]
+    keep = kept_mask_torch(s, top_k, top_p, min_p)
+    for b in range(B):
+        ref = kept_mask_reference(s[b], int(top_k[b]), float(top_p[b]), float(min_p[b]))
+        assert torch.equal(keep[b], ref), b
+    # The same uniform gives the same token (and log-prob) as the per-row specification.
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
+    offsets = torch.randint(0, 2**40, (B,), generator=gen)
+    temperature[5] = 0.0  # a greedy row
+    z[7, 3] = float("nan")  # an invalid row
+    args = ([z, z * 0.5], torch.tensor([[0.6, 0.8]]).expand(B, 2).contiguous(), temperature, top_k, top_p, min_p,
+            seeds, offsets)
+    tok, lp = guided_sample_torch(*args)
+    ref_tok, ref_lp = guided_sample_reference(*args)
+    assert torch.equal(tok, ref_tok)
+    assert tok[7] == -1 and torch.isnan(lp[7])
+    same = tok >= 0
+    torch.testing.assert_close(lp[same], ref_lp[same], rtol=1e-5, atol=1e-6)
+    # An explicit uniform of 0 takes the first kept token of each row.
+    got, _ = guided_sample_torch(*args, uniforms=torch.zeros(B))
+    kept = kept_mask_torch(z / torch.where(temperature == 0, 1.0, temperature)[:, None], top_k, top_p, min_p)
+    for b in set(range(B)) - {5, 7}:
+        assert got[b] == torch.nonzero(kept[b])[0, 0], b
 
 
 # ------------------------------------------------------------- semantics
