@@ -49,12 +49,13 @@ NPIV = 16  # pivots per pass: each pass shrinks the key range 17x
 # below the chunk max at 0.25 nat, which bounds a token's mass within 1.28x).
 NB = 64
 BIN_W = 0.25
-CAP = 2048  # candidates per row: two register sorts of CAP int64 in one program
+CAP = 2048  # candidates per row (a row with more near its cut takes the row passes)
+CAND_BLOCK = 128  # elements per step of a pivot pass over the candidates (256 spills on sm_90)
 # Under TRITON_INTERPRET=1 each tensor op costs a numpy call, so the same
 # kernels run with larger blocks there (same code, other constexpr sizes; the
 # GPU sizes are compiled for sm_90 in tests/test_triton_codegen.py).
-_INTERPRETED = dict(BLOCK=4096, CHUNK=4 * 4096, SEARCH_BLOCK=4096, CAP=CAP)
-_COMPILED = dict(BLOCK=BLOCK, CHUNK=CHUNK, SEARCH_BLOCK=SEARCH_BLOCK, CAP=CAP)
+_INTERPRETED = dict(BLOCK=4096, CHUNK=4 * 4096, SEARCH_BLOCK=4096, CAP=CAP, CAND_BLOCK=CAND_BLOCK)
+_COMPILED = dict(BLOCK=BLOCK, CHUNK=CHUNK, SEARCH_BLOCK=SEARCH_BLOCK, CAP=CAP, CAND_BLOCK=CAND_BLOCK)
 _KEY_MIN = tl.constexpr(-2147483648)  # the smallest order-preserving key
 
 
@@ -209,24 +210,32 @@ def _plan(hist_row, pmax_row, pz_row, m, NCH, k_on, k, p_on, p, NB: tl.constexpr
     # p * Z (Z: the row's mass, exact from the chunk sums). The cut sits one
     # bin further down (float rounding of d) and is taken only if U says the
     # candidates fit. Returns (collect, thr, Z).
+    # Counted per grid cell, then prefix-summed: a bin of chunk c is inside
+    # T_i for i >= j + ceil((m - max_c) / BIN_W), so each chunk adds its bins
+    # shifted by that offset (a shifted load, no [NB, NB] tile in registers).
     j = tl.arange(0, NB)
-    lo_j = j.to(tl.float32) * BIN_W
-    hi_j = tl.where(j == NB - 1, float("inf"), (j + 1).to(tl.float32) * BIN_W)
-    t_i = (j + 1).to(tl.float32) * BIN_W
-    L = tl.zeros([NB], dtype=tl.float32)
-    U = tl.zeros([NB], dtype=tl.float32)
-    TAIL = tl.zeros([NB], dtype=tl.float32)
+    Lc = tl.zeros([NB], dtype=tl.float32)
+    Uc = tl.zeros([NB], dtype=tl.float32)
+    Mc = tl.zeros([NB], dtype=tl.float32)  # upper mass of the bins inside, per cell
+    zup = 0.0
     z = 0.0
     for c in range(0, NCH):
-        cnt = tl.load(hist_row + c * NB + j).to(tl.float32)
+        base = hist_row + c * NB
         dc = m - tl.load(pmax_row + c)  # +inf for an all -inf chunk: it adds nothing below
         z += tl.where(dc < float("inf"), tl.exp(-dc) * tl.load(pz_row + c), 0.0)
-        lo = dc + lo_j
-        hi = dc + hi_j
-        inside = hi[:, None] <= t_i[None, :]
-        L += tl.sum(tl.where(inside, cnt[:, None], 0.0), 0)
-        TAIL += tl.sum(tl.where(inside, 0.0, (cnt * tl.exp(-lo))[:, None]), 0)
-        U += tl.sum(tl.where(lo[:, None] <= t_i[None, :] + BIN_W, cnt[:, None], 0.0), 0)
+        off = tl.ceil(tl.minimum(dc * (1.0 / BIN_W), 4.0 * NB)).to(tl.int32)
+        jin = j - off  # the bin that enters at cell j; the last bin (unbounded below) never does
+        cin = tl.load(base + jin, mask=(jin >= 0) & (jin < NB - 1), other=0).to(tl.float32)
+        Lc += cin
+        Mc += cin * tl.exp(-(dc + jin.to(tl.float32) * BIN_W))
+        jup = j - off + 2  # lo_j <= T_i + BIN_W: two cells earlier; bins before cell 0 fold into it
+        Uc += tl.load(base + jup, mask=(jup >= 0) & (jup < NB), other=0).to(tl.float32)
+        full = tl.load(base + j).to(tl.float32)
+        Uc += tl.where(j == 0, tl.sum(tl.where(j < 2 - off, full, 0.0), 0), 0.0)
+        zup += tl.sum(full * tl.exp(-(dc + j.to(tl.float32) * BIN_W)), 0)
+    L = tl.cumsum(Lc, 0)
+    U = tl.cumsum(Uc, 0)
+    TAIL = zup - tl.cumsum(Mc, 0)
     ik = tl.min(tl.where(L >= k.to(tl.float32), j, NB), 0)
     ip = tl.min(tl.where(TAIL <= z * (1.0 - p * 1.0001), j, NB), 0)  # 1e-4: fp32 rounding of the bounds
     isel = tl.where(k_on, ik, ip)
@@ -313,7 +322,7 @@ def _walk(row, V, m, tau, log_minp, target, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_minp, z_row, u, NPIV: tl.constexpr,
-                            SEARCH_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                            CAND_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     # The row's kept set lies inside its candidates (see _plan): the
     # thresholds by the pivot search over the candidates only (count <= CAP,
     # not V), masses in fixed point (the list's order is arbitrary), then the
@@ -322,21 +331,21 @@ def _sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_mi
     key_max = _keys(m)
     tau = key_min
     if k_on:
-        tau = _search(cand_row, count, m, key_min, key_max, key_min, k.to(tl.float32), False, NPIV, SEARCH_BLOCK,
+        tau = _search(cand_row, count, m, key_min, key_max, key_min, k.to(tl.float32), False, NPIV, CAND_BLOCK,
                       True)
     if p_on:
         z1 = z_row * 68719476736.0  # the whole row's mass (top-k off), in fixed-point units
         if k_on:
-            acc = tl.zeros([SEARCH_BLOCK], dtype=tl.int64)
-            for start in range(0, count, SEARCH_BLOCK):
-                idx = start + tl.arange(0, SEARCH_BLOCK)
+            acc = tl.zeros([CAND_BLOCK], dtype=tl.int64)
+            for start in range(0, count, CAND_BLOCK):
+                idx = start + tl.arange(0, CAND_BLOCK)
                 s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
                 acc += tl.where(_keys(s) >= tau, _fixed(tl.exp(s - m)), 0)
             z1 = tl.sum(acc, 0).to(tl.float32)
-        tau = _search(cand_row, count, m, tau, key_max, tau, p * z1, True, NPIV, SEARCH_BLOCK, True)
-    acc = tl.zeros([SEARCH_BLOCK], dtype=tl.int64)
-    for start in range(0, count, SEARCH_BLOCK):
-        idx = start + tl.arange(0, SEARCH_BLOCK)
+        tau = _search(cand_row, count, m, tau, key_max, tau, p * z1, True, NPIV, CAND_BLOCK, True)
+    acc = tl.zeros([CAND_BLOCK], dtype=tl.int64)
+    for start in range(0, count, CAND_BLOCK):
+        idx = start + tl.arange(0, CAND_BLOCK)
         s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
         acc += tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
     z = tl.sum(acc, 0).to(tl.float32) * (1.0 / 68719476736.0)
@@ -397,6 +406,7 @@ def _sample_kernel(
     BLOCK: tl.constexpr,
     NPIV: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
+    CAND_BLOCK: tl.constexpr,
     NB: tl.constexpr,
     BIN_W: tl.constexpr,
     CAP: tl.constexpr,
@@ -428,7 +438,7 @@ def _sample_kernel(
         count = tl.load(cand_count + b)
         if collect & (count <= CAP):
             tok, lp = _sample_from_candidates(cand + b * CAP, count, row, V, m, k_on, k, p_on, p, log_minp, z, u,
-                                              NPIV, SEARCH_BLOCK, BLOCK)
+                                              NPIV, CAND_BLOCK, BLOCK)
         else:
             tok, lp = _sample_by_passes(row, V, m, k_on, k, p_on, p, log_minp, u, BLOCK, NPIV, SEARCH_BLOCK)
         tl.store(tokens + b, tok)
@@ -471,22 +481,33 @@ def guided_logits_triton(xs, coeffs, out) -> None:
         _combine(xs, coeffs, None, out, scale=False)
 
 
+def _combine_and_collect(xs, coeffs, temperature, top_k, top_p) -> dict:
+    """The first two launches: scratch, partials, histograms and candidate lists (tests read them too)."""
+    B, V = xs[0].shape
+    dev = xs[0].device
+    sz = _sizes(dev)
+    s = torch.empty((B, V), dtype=torch.float32, device=dev)
+    part_max, part_arg, part_bad, hist, part_z, cand_count, nch = _combine(xs, coeffs, temperature, s, scale=True)
+    cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
+    _collect_kernel[(B, nch)](
+        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, V, nch,
+        NCH_P2=triton.next_power_of_2(nch), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"],
+        num_warps=4,
+    )
+    return dict(s=s, part_max=part_max, part_arg=part_arg, part_bad=part_bad, hist=hist, part_z=part_z,
+                cand=cand, cand_count=cand_count, nch=nch)
+
+
 def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:
     """Fills tokens [B] int64 and logprobs [B] fp32 (validated by soupkernels.sampling)."""
     B, V = xs[0].shape
     dev = xs[0].device
     sz = _sizes(dev)
     with device_ctx(dev):
-        s = torch.empty((B, V), dtype=torch.float32, device=dev)
-        part_max, part_arg, part_bad, hist, part_z, cand_count, nch = _combine(xs, coeffs, temperature, s, scale=True)
-        cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
-        nch_p2 = triton.next_power_of_2(nch)
-        _collect_kernel[(B, nch)](
-            s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, V, nch,
-            NCH_P2=nch_p2, CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
-        )
+        st = _combine_and_collect(xs, coeffs, temperature, top_k, top_p)
         _sample_kernel[(B,)](
-            s, part_max, part_arg, part_bad, hist, cand, cand_count, part_z, temperature, top_k, top_p, min_p,
-            seed, offset, tokens, logprobs, V, nch, NCH_P2=nch_p2, BLOCK=sz["BLOCK"], NPIV=NPIV,
-            SEARCH_BLOCK=sz["SEARCH_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
+            st["s"], st["part_max"], st["part_arg"], st["part_bad"], st["hist"], st["cand"], st["cand_count"],
+            st["part_z"], temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, V, st["nch"],
+            NCH_P2=triton.next_power_of_2(st["nch"]), BLOCK=sz["BLOCK"], NPIV=NPIV, SEARCH_BLOCK=sz["SEARCH_BLOCK"],
+            CAND_BLOCK=sz["CAND_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
         )

@@ -154,7 +154,7 @@ def test_chi_square_against_transformers_warpers(kw, monkeypatch):
                          ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 def test_kernels_match_reference_token_for_token(kernel, kw):
     gen = torch.Generator().manual_seed(7)
-    B, V = (96, 257) if kernel == "triton" else (2000, 1000)  # the interpreter is slow
+    B, V = (48, 257) if kernel == "triton" else (2000, 1000)  # the interpreter is slow
     xs = [torch.randn(B, V, generator=gen) * 2, (torch.randn(B, V, generator=gen) * 2).bfloat16()]
     coeffs = torch.randn(B, 2, generator=gen)
     seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
@@ -207,6 +207,39 @@ def test_cuda_backends_match_reference(backend, kw, monkeypatch):
     same = tok.cpu() == ref_tok
     assert int((~same).sum()) <= 1, f"{backend}: {int((~same).sum())} of {B} draws differ from the reference"
     torch.testing.assert_close(lp.cpu()[same], ref_lp[same], rtol=1e-4, atol=2e-5)
+
+
+def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeypatch):
+    """Rows with top-k / top-p are resolved on candidate lists; rows whose cut-off holds more than CAP
+    tokens (forced here with a tiny CAP, and a flat row) take the row passes. Both: the reference's tokens."""
+    pytest.importorskip("triton")
+    from soupkernels import triton_sampling as ts
+
+    monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(31)
+    B, V = 12, 3001
+    x = torch.randn(B, V, generator=gen) * torch.linspace(0.3, 5.0, B)[:, None]  # flat to peaked rows
+    x[0] = 1.0  # every token ties at the max
+    x[1] = torch.round(x[1] * 2)  # runs of ties at the cut-offs
+    kw = dict(temperature=torch.linspace(0.5, 1.5, B), top_k=[0, 5, 50, 0, 1, 200, 0, 30, 0, 3000, 7, 0],
+              top_p=[0.9, 1.0, 0.9, 0.5, 1.0, 0.95, 0.99, 0.7, 0.3, 1.0, 0.8, 0.9],
+              min_p=[0.0] * 6 + [0.05] + [0.0] * 5, seed=torch.arange(B) * 17 + 1, offset=3)
+    ref, ref_lp = _reference([x], [1.0], acc_dtype=torch.float32, **kw)
+    per_row = _per_row(B, **{k: v for k, v in kw.items() if k in ("seed", "offset")})
+    temp, top_k, top_p = (torch.as_tensor(kw[k], dtype=d) for k, d in
+                          (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32)))
+    assert per_row[4].shape == (B,)
+    for cap in (ts.CAP, 8):
+        monkeypatch.setitem(ts._INTERPRETED, "CAP", cap)
+        counts = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"]
+        listed = (counts > 0) & (counts <= cap)
+        if cap == ts.CAP:  # every row fits in a list but the flat one and top_k = 3000 of 3001
+            assert listed.tolist() == [False] + [True] * 8 + [False] + [True] * 2, counts
+        else:  # the larger lists no longer fit
+            assert not listed[[0, 2, 3, 5, 6, 9, 11]].any(), counts
+        tok, lp = sk.guided_sample([x], [1.0], return_logprobs=True, **kw)
+        assert torch.equal(tok, ref), (cap, tok, ref)
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5000, top_p=0.9), dict(top_k=4096, top_p=0.5), dict(top_k=4097, top_p=0.5),
