@@ -12,18 +12,18 @@ spread over the GPU):
 2. ``_collect_kernel``, grid (B, chunks): rows with top-k or top-p read their
    chunk histograms and plan a cut-off s >= m - T that provably holds the
    final kept set (bin edges bound each token's s; bin counts bound the mass)
-   and at most CAP tokens; every program then copies its chunk's tokens above
-   the cut-off, packed (index, key), into the row's candidate list. One pass
-   over the scratch, by all the row's programs at once.
+   and at most CAP tokens; every program then appends its chunk's tokens
+   above the cut-off to the row's candidate list. One pass over the scratch,
+   by all the row's programs at once.
 3. ``_sample_kernel``, grid (B,): reduces the chunk partials (greedy and
-   invalid rows end here); a collected row resolves top-k, top-p and min-p
-   exactly on its candidates (sorted in registers, by value and then by
-   index), sums the kept mass and walks the inverse CDF over them in
-   vocabulary order. A row whose plan fails (a very flat row: more than CAP
-   tokens near the cut) and rows with temperature / min-p only take the
-   passes over the scratch row instead: thresholds by a multi-pivot search
-   over the order-preserving integer keys of s, then the kept mass and the
-   walk block by block with ``tl.cumsum``.
+   invalid rows end here); a collected row finds its top-k and top-p
+   thresholds by a multi-pivot search over the order-preserving integer keys
+   of its candidates only, with fixed-point masses (exact sums, so the
+   list's arbitrary order changes nothing), and its kept mass from them.
+   A row whose plan fails (a very flat row: more than CAP tokens near the
+   cut) and rows with temperature / min-p only run the same search over the
+   whole scratch row instead. Then the walk, block by block with
+   ``tl.cumsum`` from the row's start to the token's block.
 
 The kept set and the draw follow soupkernels/sampling_reference.py exactly
 (the Philox uniform of (seed, offset), the first token in vocabulary order
