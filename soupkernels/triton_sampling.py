@@ -50,6 +50,11 @@ NPIV = 16  # pivots per pass: each pass shrinks the key range 17x
 NB = 64
 BIN_W = 0.25
 CAP = 2048  # candidates per row (a row with more near its cut takes the row passes)
+# The combine pass also lists each chunk's tokens within NEAR_D nats of the
+# chunk max (up to LCAP of them, in vocabulary order): the collect pass reads
+# those lists instead of the scratch whenever the cut-off lies inside them.
+NEAR_D = 4.0
+LCAP = 256
 CAND_BLOCK = 128  # elements per step of a pivot pass over the candidates (256 spills on sm_90)
 # Under TRITON_INTERPRET=1 each tensor op costs a numpy call, so the same
 # kernels run with larger blocks there (same code, other constexpr sizes; the
@@ -85,6 +90,8 @@ def _combine_kernel(
     hist,  # int32 [B, NCH, NB]      bins of d = chunk max - s (used when HIST)
     part_z,  # fp32 [B, NCH]         sum of exp(s - chunk max) (used when HIST)
     cand_count,  # int32 [B]         zeroed here for _collect_kernel (when HIST)
+    near,  # fp32 [B, NCH, LCAP]     s of the chunk's tokens with d <= NEAR_D (when HIST)
+    near_count,  # int32 [B, NCH]    how many there are (may exceed LCAP: then the list is unusable)
     V,
     NCH,
     N_F32: tl.constexpr,
@@ -96,6 +103,8 @@ def _combine_kernel(
     BLOCK: tl.constexpr,
     NB: tl.constexpr,
     BIN_W: tl.constexpr,
+    NEAR_D: tl.constexpr,
+    LCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1).to(tl.int64)
@@ -136,6 +145,7 @@ def _combine_kernel(
         tl.debug_barrier()
         h = tl.zeros([NB], dtype=tl.int32)
         zc = tl.zeros([BLOCK], dtype=tl.float32)
+        nn = 0
         for blk in range(0, CHUNK, BLOCK):
             idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
             mask = idx < V
@@ -144,6 +154,11 @@ def _combine_kernel(
             d = tl.where(d == d, d, float("inf"))  # -inf chunks and NaN rows: the last bin
             h += tl.histogram(tl.minimum(d * (1.0 / BIN_W), NB - 1.0).to(tl.int32), NB, mask=mask)
             zc += tl.where(mask & (d < float("inf")), tl.exp(-d), 0.0)
+            near_sel = mask & (d <= NEAR_D)
+            pos = nn + tl.cumsum(near_sel.to(tl.int32), 0) - 1
+            tl.store(near + (b * NCH + ch) * LCAP + pos, sv, mask=near_sel & (pos < LCAP))
+            nn += tl.sum(near_sel.to(tl.int32), 0)
+        tl.store(near_count + b * NCH + ch, nn)
         tl.store(hist + (b * NCH + ch) * NB + tl.arange(0, NB), h)
         tl.store(part_z + b * NCH + ch, tl.sum(zc, 0))
         if ch == 0:
@@ -257,6 +272,16 @@ def _row_state(part_max, part_bad, b, NCH, NCH_P2: tl.constexpr):
 
 
 @triton.jit
+def _append(cand_row, count_ptr, sv, sel, CAP: tl.constexpr):
+    # Appends sv[sel] to the row's list: one atomic per block for the slots.
+    n = tl.sum(sel.to(tl.int32), 0)
+    if n > 0:
+        base = tl.atomic_add(count_ptr, n)
+        pos = base + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(cand_row + pos, sv, mask=sel & (pos < CAP))
+
+
+@triton.jit
 def _collect_kernel(
     s_ptr,  # fp32 [B, V] from _combine_kernel
     part_max,
@@ -268,6 +293,8 @@ def _collect_kernel(
     cand,  # fp32 [B, CAP] out: s of the tokens above the cut, in no particular order
     cand_count,  # int32 [B] out (zeroed by _combine_kernel)
     part_z,  # fp32 [B, NCH]
+    near,  # fp32 [B, NCH, LCAP] and int32 [B, NCH], from _combine_kernel
+    near_count,
     V,
     NCH,
     NCH_P2: tl.constexpr,
@@ -276,6 +303,8 @@ def _collect_kernel(
     NB: tl.constexpr,
     BIN_W: tl.constexpr,
     CAP: tl.constexpr,
+    NEAR_D: tl.constexpr,
+    LCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1).to(tl.int64)
@@ -289,16 +318,19 @@ def _collect_kernel(
                                  p, NB, BIN_W, CAP)
         if collect:
             cut = m - thr
-            for blk in range(0, CHUNK, BLOCK):
-                idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
-                mask = idx < V
-                sv = tl.load(s_ptr + b * V + idx, mask=mask, other=-float("inf"))
-                sel = mask & (sv >= cut)
-                n = tl.sum(sel.to(tl.int32), 0)
-                if n > 0:
-                    base = tl.atomic_add(cand_count + b, n)
-                    pos = base + tl.cumsum(sel.to(tl.int32), 0) - 1
-                    tl.store(cand + b * CAP + pos, sv, mask=sel & (pos < CAP))
+            nn = tl.load(near_count + b * NCH + ch)
+            # A token above the cut has d = chunk max - s <= thr - (m - chunk max);
+            # within NEAR_D (less a bin for rounding) it is in the chunk's list.
+            if (thr - (m - tl.load(part_max + b * NCH + ch)) <= NEAR_D - BIN_W) & (nn <= LCAP):
+                slot = tl.arange(0, LCAP)
+                sv = tl.load(near + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=-float("inf"))
+                _append(cand + b * CAP, cand_count + b, sv, (slot < nn) & (sv >= cut), CAP)
+            else:
+                for blk in range(0, CHUNK, BLOCK):
+                    idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
+                    mask = idx < V
+                    sv = tl.load(s_ptr + b * V + idx, mask=mask, other=-float("inf"))
+                    _append(cand + b * CAP, cand_count + b, sv, mask & (sv >= cut), CAP)
 
 
 @triton.jit
@@ -470,12 +502,14 @@ def _combine(xs, coeffs, temperature, s_out, scale: bool):
     hist = torch.empty((B, nch, NB) if scale else (1,), dtype=torch.int32, device=dev)
     part_z = torch.empty((B, nch) if scale else (1,), dtype=torch.float32, device=dev)
     cand_count = torch.empty((B,) if scale else (1,), dtype=torch.int32, device=dev)
+    near = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.float32, device=dev)
+    near_count = torch.empty((B, nch) if scale else (1,), dtype=torch.int32, device=dev)
     _combine_kernel[(B, nch)](
         addrs, strides, c, temperature if scale else c, s_out, part_max, part_arg, part_bad, hist, part_z,
-        cand_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
-        CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, num_warps=4,
+        cand_count, near, near_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
+        CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
-    return part_max, part_arg, part_bad, hist, part_z, cand_count, nch
+    return part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch
 
 
 def guided_logits_triton(xs, coeffs, out) -> None:
@@ -490,15 +524,16 @@ def _combine_and_collect(xs, coeffs, temperature, top_k, top_p) -> dict:
     dev = xs[0].device
     sz = _sizes(dev)
     s = torch.empty((B, V), dtype=torch.float32, device=dev)
-    part_max, part_arg, part_bad, hist, part_z, cand_count, nch = _combine(xs, coeffs, temperature, s, scale=True)
+    part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch = _combine(
+        xs, coeffs, temperature, s, scale=True)
     cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
     _collect_kernel[(B, nch)](
-        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, V, nch,
+        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, near, near_count, V, nch,
         NCH_P2=triton.next_power_of_2(nch), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"],
-        num_warps=4,
+        NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
     return dict(s=s, part_max=part_max, part_arg=part_arg, part_bad=part_bad, hist=hist, part_z=part_z,
-                cand=cand, cand_count=cand_count, nch=nch)
+                cand=cand, cand_count=cand_count, near_count=near_count, nch=nch)
 
 
 def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:

@@ -231,10 +231,19 @@ def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeyp
     assert per_row[4].shape == (B,)
     for cap in (ts.CAP, 8):
         monkeypatch.setitem(ts._INTERPRETED, "CAP", cap)
-        counts = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"]
+        state = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)
+        counts = state["cand_count"]
+        assert (state["near_count"][3:] <= ts.LCAP).all()  # the more peaked rows' lists are usable
         listed = (counts > 0) & (counts <= cap)
         if cap == ts.CAP:  # every row fits in a list but the flat one and top_k = 3000 of 3001
             assert listed.tolist() == [False] + [True] * 8 + [False] + [True] * 2, counts
+            # The collect pass reads the combine pass's near-top lists where the cut-off lies inside
+            # them, the scratch otherwise: lists of one entry (unusable) give the same candidates.
+            monkeypatch.setattr(ts, "LCAP", 1)
+            assert torch.equal(ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"],
+                               counts)
+            monkeypatch.undo()
+            monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
         else:  # the larger lists no longer fit
             assert not listed[[0, 2, 3, 5, 6, 9, 11]].any(), counts
         tok, lp = sk.guided_sample([x], [1.0], return_logprobs=True, **kw)
