@@ -18,6 +18,8 @@ measured in this run; absolute times are only printed for context.
     python benchmarks/bench_merge.py                # CPU: n = 2,3,4; bf16, fp32; 1M..256M elements
     python benchmarks/bench_merge.py --quick        # small sizes, seconds
     python benchmarks/bench_merge.py --device cuda  # GPU: up to 1G elements, CUDA events
+    python benchmarks/bench_merge.py --device cuda --n 3 --dtypes bf16 --sizes 268435456 1073741824 \
+        --many-shape llama-7b                       # what scripts/gpu-check.sh runs
     python benchmarks/bench_merge.py --json out.json
 """
 
@@ -109,6 +111,13 @@ def model_shapes(total: int) -> list[int]:
     return sizes + [d, 8 * d * d]
 
 
+def llama_7b_shapes() -> list[int]:
+    """Tensor sizes of Llama-2 7B (291 tensors, 6.74e9 parameters): embedding, 32 layers, norm, head."""
+    d, ffn, vocab = 4096, 11008, 32000
+    layer = [d * d] * 4 + [ffn * d] * 3 + [d, d]
+    return [vocab * d] + layer * 32 + [d, vocab * d]
+
+
 def bench_one(n: int, dtype: torch.dtype, size: int, device: str, repeats: int, copy: "CopyBandwidth",
               skip_naive: bool):
     gen = torch.Generator(device=device).manual_seed(n * 1000 + size % 997)
@@ -158,19 +167,36 @@ def bench_nontemporal(dtype, size, n, repeats):
             "regular_s": res[False], "streaming_s": res[True], "streaming_speedup": res[False] / res[True]}
 
 
-def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int, copy: "CopyBandwidth"):
-    """A whole model's parameter list: sk.merge_many vs torch._foreach_ chain and one flat buffer."""
-    sizes = model_shapes(total)
+def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int, copy: "CopyBandwidth",
+               shape: str = "scaled"):
+    """A whole model's parameter list: sk.merge_many vs torch._foreach_ chain and one flat buffer.
+
+    ``shape="scaled"``: a Llama-like list of about ``total`` elements, each
+    tensor its own allocation, plus separate flat buffers of the same size.
+    ``shape="llama-7b"``: Llama-2 7B's 291 tensors as views into one flat
+    buffer per model (5 copies of a 7B model are 67 GB in bf16; a second set
+    for the flat comparison would not fit on one GPU), so merge_many and the
+    flat merge move exactly the same bytes.
+    """
     gen = torch.Generator(device=device).manual_seed(7)
-    models = [[torch.randn(s, generator=gen, device=device).to(dtype) for s in sizes] for _ in range(n + 1)]
-    groups = [list(g) for g in zip(*models)]
     coeffs = [1.4, -0.55, 0.35, 0.2][:n] + [-0.2]
-    outs = [torch.empty(s, dtype=dtype, device=device) for s in sizes]
-    P = sum(sizes)
+    if shape == "llama-7b":
+        sizes = llama_7b_shapes()
+        P = sum(sizes)
+        flat = [torch.empty(P, dtype=dtype, device=device).normal_(generator=gen) for _ in range(n + 1)]
+        flat_out = torch.empty(P, dtype=dtype, device=device)
+        models = [list(torch.split(x, sizes)) for x in flat]
+        outs = list(torch.split(flat_out, sizes))
+    else:
+        sizes = model_shapes(total)
+        models = [[torch.randn(s, generator=gen, device=device).to(dtype) for s in sizes] for _ in range(n + 1)]
+        outs = [torch.empty(s, dtype=dtype, device=device) for s in sizes]
+        P = sum(sizes)
+        # the same bytes as one flat buffer: what merge_many should approach
+        flat = [torch.randn(P, generator=gen, device=device).to(dtype) for _ in range(n + 1)]
+        flat_out = torch.empty(P, dtype=dtype, device=device)
+    groups = [list(g) for g in zip(*models)]
     ideal = (n + 2) * P * outs[0].element_size()
-    # the same bytes as one flat buffer: what merge_many should approach
-    flat = [torch.randn(P, generator=gen, device=device).to(dtype) for _ in range(n + 1)]
-    flat_out = torch.empty(P, dtype=dtype, device=device)
 
     def foreach():
         torch._foreach_copy_(outs, models[0])
@@ -185,7 +211,7 @@ def bench_many(n: int, dtype: torch.dtype, total: int, device: str, repeats: int
         flat_t += timeit(lambda: sk.merge(flat, coeffs, out=flat_out), device, 1, warmup=int(i == 0))
     t_ours, t_flat = min(many), min(flat_t)
     t_fe = min(timeit(foreach, device, repeats))
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tensors": len(sizes), "elements": P,
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "shape": shape, "tensors": len(sizes), "elements": P,
             "merge_many_s": t_ours, "foreach_s": t_fe, "flat_merge_s": t_flat, "copy_bw": max(copies),
             "speedup_vs_foreach": t_fe / t_ours, "many_over_flat": t_ours / t_flat,
             "merge_many_over_copy": ideal / t_ours / max(copies)}
@@ -207,6 +233,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     ap.add_argument("--skip-naive-above", type=int, default=1 << 30, help="skip the naive expression above this size")
+    ap.add_argument("--many-shape", choices=["scaled", "llama-7b"], default="scaled",
+                    help="merge_many's parameter list: Llama-like scaled to 64M elements (4M with --quick), "
+                    "or Llama-2 7B's 291 tensors (67 GB with n=3 in bf16: a GPU with 80 GB or more)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -230,9 +259,12 @@ def main(argv=None) -> int:
                                       skip_naive=size > args.skip_naive_above))
                 print(f"  done n={n} {dt_name} {fmt_size(size)}", file=sys.stderr, flush=True)
     many = []
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the 1G-element rows' buffers: room for a 7B list
     total = (1 << 22) if args.quick else (1 << 26)
     for dt_name in args.dtypes:
-        many.append(bench_many(3, DTYPES[dt_name], total, device, args.repeats, copy))
+        many.append(bench_many(3, DTYPES[dt_name], total, device, args.repeats, copy, shape=args.many_shape))
+        print(f"  done merge_many {args.many_shape} {dt_name}", file=sys.stderr, flush=True)
     nt_rows = []
     if device == "cpu" and sk.cpu_info().get("cpp"):
         for size in ([1 << 22] if args.quick else [1 << 22, 1 << 26, 1 << 28]):

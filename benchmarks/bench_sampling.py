@@ -6,7 +6,8 @@ alternation (a shared VM drifts over a minute):
     ours    sk.guided_sample(logits, coeffs, temperature, top_k, top_p, seed)
     torch   the path transformers and vLLM's fallback take: z = sum_m c_m * x_m
             (fp32), TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-            (transformers' own), softmax, torch.multinomial
+            (transformers' own; the same ops written out where transformers is
+            not installed), softmax, torch.multinomial
     floor   reading the M inputs once: a preallocated copy of the same bytes
             (read + write), of which reading is half -> floor = copy time / 2
 
@@ -17,12 +18,15 @@ ours / floor (1.0 would be as fast as merely reading the inputs).
     python benchmarks/bench_sampling.py --quick          # seconds
     python benchmarks/bench_sampling.py --acceptance     # B=8, V=128256, M=3 rows only
     python benchmarks/bench_sampling.py --device cuda    # GPU: CUDA events
+    python benchmarks/bench_sampling.py --device cuda --B 1 8 64 --V 128256 --M 2 4 --repeats 5
+                                                         # what scripts/gpu-check.sh runs
     python benchmarks/bench_sampling.py --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -51,8 +55,25 @@ def torch_combine(xs, coeffs):
     return z
 
 
+def _warp_plain(z, temperature, top_k, top_p):
+    """transformers' Temperature/TopK/TopP warpers, op for op, for machines without transformers."""
+    z = z / temperature
+    if top_k:
+        kth = torch.topk(z, min(top_k, z.shape[-1]))[0][..., -1, None]
+        z = z.masked_fill(z < kth, -float("inf"))
+    if top_p < 1.0:
+        sz, idx = torch.sort(z, descending=False)
+        cum = sz.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p)
+        drop[..., -1:] = False
+        z = z.masked_fill(drop.scatter(1, idx, drop), -float("inf"))
+    return z
+
+
 def torch_warp(z, temperature, top_k=0, top_p=1.0):
-    """transformers' own warpers: filtered-out tokens get -inf."""
+    """transformers' own warpers (or the same ops written out where transformers is missing): -inf = filtered."""
+    if TORCH_PATH != "transformers":
+        return _warp_plain(z, temperature, top_k, top_p)
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -72,6 +93,10 @@ def torch_path(xs, coeffs, temperature, top_k=0, top_p=1.0, gen=None):
     """The reference path people run: combine, transformers' warpers, softmax, multinomial."""
     z = torch_warp(torch_combine(xs, coeffs), temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen).squeeze(1)
+
+
+# A GPU machine may have torch and triton but not transformers: the same ops written out then.
+TORCH_PATH = "transformers" if importlib.util.find_spec("transformers") else "plain"
 
 
 def bench_row(B, V, M, filt, dtype, device, repeats):
@@ -138,6 +163,7 @@ def main(argv=None) -> int:
     for B, V, M, filt in itertools.product(args.B, args.V, args.M, args.filters):
         rows.append(bench_row(B, V, M, filt, DTYPES[args.dtype], device, args.repeats))
         print(f"  done B={B} V={V} M={M} {filt}", file=sys.stderr, flush=True)
+    info["torch_path"] = TORCH_PATH
     result = {"info": info, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

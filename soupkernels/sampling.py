@@ -316,11 +316,10 @@ def guided_sample(
             from soupkernels.triton_sampling import guided_sample_triton
 
             guided_sample_triton(xs, c, temp, tk, tp, mp, sd, off, tokens, logprobs)
-        else:
-            from soupkernels.sampling_reference import guided_sample_reference
+        else:  # batched torch ops on the tensors' device (CUDA without Triton, or forced)
+            from soupkernels.torch_sampling import guided_sample_torch
 
-            tok, lp = guided_sample_reference([x.cpu() for x in xs], c.cpu(), temp.cpu(), tk.cpu(), tp.cpu(),
-                                              mp.cpu(), sd.cpu(), off.cpu())
+            tok, lp = guided_sample_torch(xs, c, temp, tk, tp, mp, sd, off)
             tokens.copy_(tok)
             logprobs.copy_(lp)
     if check is None:

@@ -15,7 +15,6 @@ the coefficients to match. Tested on the CPU under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -24,33 +23,16 @@ import triton
 import triton.language as tl
 
 from soupkernels._dtypes import DTYPE_CODE
+from soupkernels._triton_common import as_ptr, device_ctx, group_by_dtype
 
 BLOCK = 1024  # elements per vector step: 4 warps x 32 lanes x 8 elements
 TILE = 8 * BLOCK  # elements per program
 NUM_WARPS = 4
-_ORDER = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _as_ptr(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
-    # Addresses come from a table, so Triton cannot see their alignment. The
-    # launcher checked 16-byte alignment; the hint on the pointer (a hint on
-    # the integer is lost, checked in the PTX) lets the compiler emit 128-bit
-    # loads and stores instead of one per element.
-    if CODE == 0:
-        p = addr.to(tl.pointer_type(tl.float32))
-    elif CODE == 1:
-        p = addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        p = addr.to(tl.pointer_type(tl.float16))
-    if ALIGNED:
-        p = tl.multiple_of(p, 16)
-    return p
 
 
 @triton.jit
 def _load(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr, idx, mask, MASKED: tl.constexpr):
-    p = _as_ptr(addr, CODE, ALIGNED) + idx
+    p = as_ptr(addr, CODE, ALIGNED) + idx
     if MASKED:
         x = tl.load(p, mask=mask, other=0.0)
     else:
@@ -106,7 +88,7 @@ def _merge_tiles_kernel(
     t = lo
     start = tl.multiple_of((pid - tl.load(tile_off + t)) * TILE, TILE)
     end = tl.minimum(start + TILE, tl.load(sizes + t))
-    out = _as_ptr(tl.load(out_addrs + t), OUT_CODE, ALIGNED)
+    out = as_ptr(tl.load(out_addrs + t), OUT_CODE, ALIGNED)
     row = in_addrs + t * N
     # Whole blocks without masks (vectorisable), then at most one masked block.
     n_full = (end - start) // BLOCK
@@ -132,8 +114,7 @@ def merge_group_triton(
     """
     device = outs[0].device
     dtypes = [t.dtype for t in groups[0]]
-    order = sorted(range(len(dtypes)), key=lambda k: _ORDER.index(dtypes[k]))
-    counts = [sum(1 for d in dtypes if d == o) for o in _ORDER]
+    order, counts = group_by_dtype(dtypes)
     T = len(outs)
     sizes = np.fromiter((o.numel() for o in outs), dtype=np.int64, count=T)
     addrs = np.empty((T, 1 + len(order)), dtype=np.int64)
@@ -156,9 +137,7 @@ def merge_group_triton(
     o_addr, i_addr = table[:T], table[T : T + T * len(order)]
     t_sizes, t_off = table[T + T * len(order) : 2 * T + T * len(order)], table[2 * T + T * len(order) :]
     c = torch.tensor([float(coeffs[k]) for k in order], dtype=torch.float32).to(device, non_blocking=True)
-    # Triton launches on the *current* device; the addresses in the table
-    # belong to `device`, so make it current (multi-GPU processes).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _launch(o_addr, i_addr, t_sizes, t_off, c, counts, outs[0].dtype, steps, aligned, grid)
 
 

@@ -1,44 +1,67 @@
 """Triton kernels for guided sampling, and their launchers.
 
-Two launches per call:
+Three launches per call (the C++ kernel's algorithm, csrc/sample_body.inc,
+spread over the GPU):
 
 1. ``_combine_kernel``, grid (B, chunks): reads the M inputs once, writes the
    scaled combined logits s = (sum_m c[b, m] x_m[b]) / T to an fp32 scratch
-   [B, V], and per chunk the max, the first index of the max and a NaN/+inf
-   count. ``guided_logits`` is this kernel alone (T = 1, scratch = output).
-2. ``_sample_kernel``, grid (B,): per row, reduces the chunk partials (greedy
-   rows end here), then works on the scratch row only (it stays in L2):
-   top-k and top-p thresholds by a multi-pivot search over the order-
-   preserving integer keys of s (NPIV pivots per pass, so ~8 passes pin a
-   32-bit key exactly), the kept mass, and the inverse-CDF walk with the
-   Philox uniform of (seed, offset), block by block with ``tl.cumsum``, which
-   stops at the block holding the token.
+   [B, V], and per chunk the max, the first index of the max, a NaN/+inf
+   count and a histogram of d = chunk max - s (NB bins of BIN_W nats; the
+   last bin holds everything further down). ``guided_logits`` is this kernel
+   alone (T = 1, scratch = output, no histogram).
+2. ``_collect_kernel``, grid (B, chunks): rows with top-k or top-p read their
+   chunk histograms and plan a cut-off s >= m - T that provably holds the
+   final kept set (bin edges bound each token's s; bin counts bound the mass)
+   and at most CAP tokens; every program then appends its chunk's tokens
+   above the cut-off to the row's candidate list. One pass over the scratch,
+   by all the row's programs at once.
+3. ``_sample_kernel``, grid (B,): reduces the chunk partials (greedy and
+   invalid rows end here); a collected row finds its top-k and top-p
+   thresholds by a multi-pivot search over the order-preserving integer keys
+   of its candidates only, with fixed-point masses (exact sums, so the
+   list's arbitrary order changes nothing), and its kept mass from them.
+   A row whose plan fails (a very flat row: more than CAP tokens near the
+   cut) and rows with temperature / min-p only run the same search over the
+   whole scratch row instead. Then the walk, block by block with
+   ``tl.cumsum`` from the row's start to the token's block.
 
-The kept set and the draw follow soupkernels/sampling_reference.py exactly,
-so the same seed gives the same token as the C++ kernel (up to float
-summation order at the boundaries). Tested on the CPU under
-``TRITON_INTERPRET=1``.
+The kept set and the draw follow soupkernels/sampling_reference.py exactly
+(the Philox uniform of (seed, offset), the first token in vocabulary order
+whose running kept mass exceeds u * Z), so the same seed gives the same token
+as the C++ kernel (up to float summation order at the boundaries). Tested on
+the CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from soupkernels.triton_merge import _ORDER, _as_ptr
+from soupkernels._triton_common import as_ptr, device_ctx, group_by_dtype
+from soupkernels._triton_thresholds import sample_by_passes, sample_from_candidates
 
-BLOCK = 1024  # elements per step of the combine and walk loops
-CHUNK = 8 * BLOCK  # elements per combine program
+BLOCK = 1024  # elements per step of the combine, collect and walk loops
+CHUNK = 8 * BLOCK  # elements per combine / collect program
 SEARCH_BLOCK = 256  # elements per step of a pivot pass ([SEARCH_BLOCK, NPIV] compares)
 NPIV = 16  # pivots per pass: each pass shrinks the key range 17x
+# Histogram bins per chunk: tl.histogram costs ~NB / 32 popcounts per element
+# on the GPU, so the bins are few and fine where the cut-offs fall (16 nats
+# below the chunk max at 0.25 nat, which bounds a token's mass within 1.28x).
+NB = 64
+BIN_W = 0.25
+CAP = 2048  # candidates per row (a row with more near its cut takes the row passes)
+# The combine pass also lists each chunk's tokens within NEAR_D nats of the
+# chunk max (up to LCAP of them, in vocabulary order): the collect pass reads
+# those lists instead of the scratch whenever the cut-off lies inside them.
+NEAR_D = 4.0
+LCAP = 256
+CAND_BLOCK = 128  # elements per step of a pivot pass over the candidates (256 spills on sm_90)
 # Under TRITON_INTERPRET=1 each tensor op costs a numpy call, so the same
 # kernels run with larger blocks there (same code, other constexpr sizes; the
 # GPU sizes are compiled for sm_90 in tests/test_triton_codegen.py).
-_INTERPRETED = dict(BLOCK=4096, CHUNK=4 * 4096, SEARCH_BLOCK=4096)
-_COMPILED = dict(BLOCK=BLOCK, CHUNK=CHUNK, SEARCH_BLOCK=SEARCH_BLOCK)
+_INTERPRETED = dict(BLOCK=4096, CHUNK=4 * 4096, SEARCH_BLOCK=4096, CAP=CAP, CAND_BLOCK=CAND_BLOCK)
+_COMPILED = dict(BLOCK=BLOCK, CHUNK=CHUNK, SEARCH_BLOCK=SEARCH_BLOCK, CAP=CAP, CAND_BLOCK=CAND_BLOCK)
 
 
 def _sizes(dev: torch.device) -> dict:
@@ -47,8 +70,11 @@ def _sizes(dev: torch.device) -> dict:
 
 @triton.jit
 def _load_input(addrs, strides, j, b, idx, mask, CODE: tl.constexpr):
-    p = _as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
-    return tl.load(p + b * tl.load(strides + j) + idx, mask=mask, other=0.0).to(tl.float32)
+    p = as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
+    # Inputs are read once: let them leave L2 first, so the scratch row the
+    # later kernels re-read stays there (32.8 MB at B = 64, V = 128k).
+    return tl.load(p + b * tl.load(strides + j) + idx, mask=mask, other=0.0,
+                   eviction_policy="evict_first").to(tl.float32)
 
 
 @triton.jit
@@ -61,14 +87,24 @@ def _combine_kernel(
     part_max,  # fp32 [B, NCH]
     part_arg,  # int64 [B, NCH]  first index of the chunk max
     part_bad,  # int32 [B, NCH]  NaN / +inf count
+    hist,  # int32 [B, NCH, NB]      bins of d = chunk max - s (used when HIST)
+    part_z,  # fp32 [B, NCH]         sum of exp(s - chunk max) (used when HIST)
+    cand_count,  # int32 [B]         zeroed here for _collect_kernel (when HIST)
+    near,  # fp32 [B, NCH, LCAP]     s of the chunk's tokens with d <= NEAR_D (when HIST)
+    near_count,  # int32 [B, NCH]    how many there are (may exceed LCAP: then the list is unusable)
     V,
     NCH,
     N_F32: tl.constexpr,
     N_BF16: tl.constexpr,
     N_F16: tl.constexpr,
     SCALE: tl.constexpr,
+    HIST: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+    BIN_W: tl.constexpr,
+    NEAR_D: tl.constexpr,
+    LCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1).to(tl.int64)
@@ -93,7 +129,7 @@ def _combine_kernel(
             k = N_F32 + N_BF16 + j
             acc += tl.load(coeffs + b * M + k) * _load_input(in_addrs, strides, k, b, idx, mask, 2)
         acc = acc / t + 0.0  # + 0.0 turns -0.0 into +0.0: the integer keys then order like floats
-        tl.store(s_out + b * V + idx, acc, mask=mask)
+        tl.store(s_out + b * V + idx, acc, mask=mask, eviction_policy="evict_last")
         am = tl.where(mask, acc, -float("inf"))
         bm = tl.max(am, 0)
         barg = tl.min(tl.where(am == bm, idx, V), 0)
@@ -103,41 +139,149 @@ def _combine_kernel(
     tl.store(part_max + b * NCH + ch, mx)
     tl.store(part_arg + b * NCH + ch, arg)
     tl.store(part_bad + b * NCH + ch, bad)
-
-
-@triton.jit
-def _keys(s):
-    # Order-preserving int32 image of a float (-0.0 was canonicalised to +0.0).
-    bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-
-
-@triton.jit
-def _search(row, V, m, lo, hi, floor_key, target, BY_MASS: tl.constexpr, NPIV: tl.constexpr,
-            SEARCH_BLOCK: tl.constexpr):
-    # Largest key t in [lo, hi] with f(t) >= target, where f(t) counts (or, BY_MASS,
-    # sums exp(s - m) over) the tokens with key >= t among those with key >= floor_key.
-    # Needs f(lo) >= target; f is non-increasing, so each pass keeps the bracket.
-    j = tl.arange(0, NPIV).to(tl.int64)
-    while lo < hi:
-        piv = lo + ((j + 1) * (hi - lo) + NPIV) // (NPIV + 1)  # in (lo, hi]
-        f = tl.zeros([NPIV], dtype=tl.float32)
-        for start in range(0, V, SEARCH_BLOCK):
-            idx = start + tl.arange(0, SEARCH_BLOCK)
+    if HIST:
+        # Bins relative to the chunk max, so a second look at the chunk (hot
+        # in L1/L2: this program just wrote it) after the max is known.
+        tl.debug_barrier()
+        h = tl.zeros([NB], dtype=tl.int32)
+        zc = tl.zeros([BLOCK], dtype=tl.float32)
+        nn = 0
+        for blk in range(0, CHUNK, BLOCK):
+            idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
             mask = idx < V
-            s = tl.load(row + idx, mask=mask, other=-float("inf"))
-            key = _keys(s)
-            live = mask & (key >= floor_key)
-            if BY_MASS:
-                w = tl.where(live, tl.exp(s - m), 0.0)
+            sv = tl.load(s_out + b * V + idx, mask=mask, other=0.0)
+            d = mx - sv
+            d = tl.where(d == d, d, float("inf"))  # -inf chunks and NaN rows: the last bin
+            h += tl.histogram(tl.minimum(d * (1.0 / BIN_W), NB - 1.0).to(tl.int32), NB, mask=mask)
+            zc += tl.where(mask & (d < float("inf")), tl.exp(-d), 0.0)
+            near_sel = mask & (d <= NEAR_D)
+            pos = nn + tl.cumsum(near_sel.to(tl.int32), 0) - 1
+            tl.store(near + (b * NCH + ch) * LCAP + pos, sv, mask=near_sel & (pos < LCAP))
+            nn += tl.sum(near_sel.to(tl.int32), 0)
+        tl.store(near_count + b * NCH + ch, nn)
+        tl.store(hist + (b * NCH + ch) * NB + tl.arange(0, NB), h)
+        tl.store(part_z + b * NCH + ch, tl.sum(zc, 0))
+        if ch == 0:
+            tl.store(cand_count + b, 0)
+
+
+@triton.jit
+def _plan(hist_row, pmax_row, pz_row, m, NCH, k_on, k, p_on, p, NB: tl.constexpr, BIN_W: tl.constexpr,
+          CAP: tl.constexpr):
+    # A cut-off s >= m - thr that holds the row's kept set, from the chunk
+    # histograms alone. A token of chunk c in bin j has d = m - s in
+    # [lo_j, hi_j) = (m - max_c) + [j, j + 1) * BIN_W, so on the grid
+    # T_i = (i + 1) * BIN_W, L[i] (tokens whose whole bin is within T_i) is a
+    # lower bound of the count of {d <= T_i}, U[i] an upper bound of the count
+    # of {d <= T_i + BIN_W}, and TAIL[i] an upper bound of the mass of
+    # {d > T_i}. Top-k keeps a subset of {d <= T_i} once L[i] >= k; top-p
+    # (alone) once the mass of {d <= T_i}, at least Z - TAIL[i], reaches
+    # p * Z (Z: the row's mass, exact from the chunk sums). The cut sits one
+    # bin further down (float rounding of d) and is taken only if U says the
+    # candidates fit. Returns (collect, thr, Z).
+    # Counted per grid cell, then prefix-summed: a bin of chunk c is inside
+    # T_i for i >= j + ceil((m - max_c) / BIN_W), so each chunk adds its bins
+    # shifted by that offset (a shifted load, no [NB, NB] tile in registers).
+    j = tl.arange(0, NB)
+    Lc = tl.zeros([NB], dtype=tl.float32)
+    Uc = tl.zeros([NB], dtype=tl.float32)
+    Mc = tl.zeros([NB], dtype=tl.float32)  # upper mass of the bins inside, per cell
+    zup = 0.0
+    z = 0.0
+    for c in range(0, NCH):
+        base = hist_row + c * NB
+        dc = m - tl.load(pmax_row + c)  # +inf for an all -inf chunk: it adds nothing below
+        z += tl.where(dc < float("inf"), tl.exp(-dc) * tl.load(pz_row + c), 0.0)
+        off = tl.ceil(tl.minimum(dc * (1.0 / BIN_W), 4.0 * NB)).to(tl.int32)
+        jin = j - off  # the bin that enters at cell j; the last bin (unbounded below) never does
+        cin = tl.load(base + jin, mask=(jin >= 0) & (jin < NB - 1), other=0).to(tl.float32)
+        Lc += cin
+        Mc += cin * tl.exp(-(dc + jin.to(tl.float32) * BIN_W))
+        jup = j - off + 2  # lo_j <= T_i + BIN_W: two cells earlier; bins before cell 0 fold into it
+        Uc += tl.load(base + jup, mask=(jup >= 0) & (jup < NB), other=0).to(tl.float32)
+        full = tl.load(base + j).to(tl.float32)
+        Uc += tl.where(j == 0, tl.sum(tl.where(j < 2 - off, full, 0.0), 0), 0.0)
+        zup += tl.sum(full * tl.exp(-(dc + j.to(tl.float32) * BIN_W)), 0)
+    L = tl.cumsum(Lc, 0)
+    U = tl.cumsum(Uc, 0)
+    TAIL = zup - tl.cumsum(Mc, 0)
+    ik = tl.min(tl.where(L >= k.to(tl.float32), j, NB), 0)
+    ip = tl.min(tl.where(TAIL <= z * (1.0 - p * 1.0001), j, NB), 0)  # 1e-4: fp32 rounding of the bounds
+    isel = tl.where(k_on, ik, ip)
+    fits = tl.sum(tl.where(j == isel, U, 0.0), 0) <= CAP
+    collect = (k_on | p_on) & (isel < NB) & fits
+    return collect, (isel + 2).to(tl.float32) * BIN_W, z
+
+
+@triton.jit
+def _row_state(part_max, part_bad, b, NCH, NCH_P2: tl.constexpr):
+    c = tl.arange(0, NCH_P2)
+    cm = c < NCH
+    pm = tl.load(part_max + b * NCH + c, mask=cm, other=-float("inf"))
+    nbad = tl.sum(tl.load(part_bad + b * NCH + c, mask=cm, other=0), 0)
+    return tl.max(pm, 0), nbad, pm, cm, c
+
+
+@triton.jit
+def _append(cand_row, count_ptr, sv, sel, CAP: tl.constexpr):
+    # Appends sv[sel] to the row's list: one atomic per block for the slots.
+    n = tl.sum(sel.to(tl.int32), 0)
+    if n > 0:
+        base = tl.atomic_add(count_ptr, n)
+        pos = base + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(cand_row + pos, sv, mask=sel & (pos < CAP))
+
+
+@triton.jit
+def _collect_kernel(
+    s_ptr,  # fp32 [B, V] from _combine_kernel
+    part_max,
+    part_bad,
+    hist,  # int32 [B, NCH, NB]
+    temperature,
+    top_k,
+    top_p,
+    cand,  # fp32 [B, CAP] out: s of the tokens above the cut, in no particular order
+    cand_count,  # int32 [B] out (zeroed by _combine_kernel)
+    part_z,  # fp32 [B, NCH]
+    near,  # fp32 [B, NCH, LCAP] and int32 [B, NCH], from _combine_kernel
+    near_count,
+    V,
+    NCH,
+    NCH_P2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+    BIN_W: tl.constexpr,
+    CAP: tl.constexpr,
+    NEAR_D: tl.constexpr,
+    LCAP: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1).to(tl.int64)
+    m, nbad, _pm, _cm, _c = _row_state(part_max, part_bad, b, NCH, NCH_P2)
+    k = tl.load(top_k + b)
+    p = tl.load(top_p + b)
+    k_on = (k > 0) & (k < V)
+    p_on = p < 1.0
+    if (nbad == 0) & (m > -float("inf")) & (tl.load(temperature + b) != 0.0) & (k_on | p_on):
+        collect, thr, _z = _plan(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k, p_on,
+                                 p, NB, BIN_W, CAP)
+        if collect:
+            cut = m - thr
+            nn = tl.load(near_count + b * NCH + ch)
+            # A token above the cut has d = chunk max - s <= thr - (m - chunk max);
+            # within NEAR_D (less a bin for rounding) it is in the chunk's list.
+            if (thr - (m - tl.load(part_max + b * NCH + ch)) <= NEAR_D - BIN_W) & (nn <= LCAP):
+                slot = tl.arange(0, LCAP)
+                sv = tl.load(near + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=-float("inf"))
+                _append(cand + b * CAP, cand_count + b, sv, (slot < nn) & (sv >= cut), CAP)
             else:
-                w = live.to(tl.float32)
-            hit = key[:, None] >= piv[None, :]
-            f += tl.sum(tl.where(hit, w[:, None], 0.0), 0)
-        ok = f >= target
-        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
-        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv - 1), 0))
-    return lo
+                for blk in range(0, CHUNK, BLOCK):
+                    idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
+                    mask = idx < V
+                    sv = tl.load(s_ptr + b * V + idx, mask=mask, other=-float("inf"))
+                    _append(cand + b * CAP, cand_count + b, sv, mask & (sv >= cut), CAP)
 
 
 @triton.jit
@@ -146,6 +290,10 @@ def _sample_kernel(
     part_max,
     part_arg,
     part_bad,
+    hist,  # int32 [B, NCH, NB]
+    cand,  # fp32 [B, CAP] and its count [B], from _collect_kernel
+    cand_count,
+    part_z,  # fp32 [B, NCH]
     temperature,  # fp32 [B]
     top_k,  # int64 [B]
     top_p,  # fp32 [B]
@@ -160,14 +308,14 @@ def _sample_kernel(
     BLOCK: tl.constexpr,
     NPIV: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
+    CAND_BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+    BIN_W: tl.constexpr,
+    CAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, NCH_P2)
-    cm = c < NCH
-    pm = tl.load(part_max + b * NCH + c, mask=cm, other=-float("inf"))
-    m = tl.max(pm, 0)
+    m, nbad, pm, cm, c = _row_state(part_max, part_bad, b, NCH, NCH_P2)
     argmax = tl.min(tl.where(cm & (pm == m), tl.load(part_arg + b * NCH + c, mask=cm, other=0), V), 0)
-    nbad = tl.sum(tl.load(part_bad + b * NCH + c, mask=cm, other=0), 0)
     t = tl.load(temperature + b)
     row = s_ptr + b * V
     if (nbad > 0) | (m == -float("inf")):
@@ -180,65 +328,36 @@ def _sample_kernel(
         k = tl.load(top_k + b)
         p = tl.load(top_p + b)
         minp = tl.load(min_p + b)
+        k_on = (k > 0) & (k < V)
+        p_on = p < 1.0
         log_minp = tl.where(minp > 0.0, tl.log(tl.maximum(minp, 1e-38)), -float("inf"))
-        key_min = (-2147483648 + b * 0).to(tl.int64)
-        key_max = _keys(m)
-        tau = key_min
-        if (k > 0) & (k < V):
-            tau = _search(row, V, m, key_min, key_max, key_min, k.to(tl.float32), False, NPIV, SEARCH_BLOCK)
-        if p < 1.0:
-            z1 = tl.zeros([SEARCH_BLOCK], dtype=tl.float32)
-            for start in range(0, V, SEARCH_BLOCK):
-                idx = start + tl.arange(0, SEARCH_BLOCK)
-                s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
-                z1 += tl.where(_keys(s) >= tau, tl.exp(s - m), 0.0)
-            target = p * tl.sum(z1, 0)
-            tau = _search(row, V, m, tau, key_max, tau, target, True, NPIV, SEARCH_BLOCK)
-        # Kept mass, then the walk: first token whose running kept mass exceeds u * Z.
-        zacc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
-            keep = (_keys(s) >= tau) & (s - m >= log_minp)
-            zacc += tl.where(keep, tl.exp(s - m), 0.0)
-        z = tl.sum(zacc, 0)
         u = tl.rand(tl.load(seed + b), tl.load(offset + b))
-        target = u * z
-        run = 0.0
-        tok = (b * 0 - 1).to(tl.int64)
-        last = tok
-        start = b * 0
-        while (start < V) & (tok < 0):
-            idx = start + tl.arange(0, BLOCK)
-            s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
-            keep = (_keys(s) >= tau) & (s - m >= log_minp)
-            e = tl.where(keep, tl.exp(s - m), 0.0)
-            hit = (run + tl.cumsum(e, 0) > target) & (idx < V)
-            first = tl.min(tl.where(hit, idx, V), 0)
-            tok = tl.where(first < V, first, tok)
-            last = tl.maximum(last, tl.max(tl.where(e > 0.0, idx, -1), 0))
-            run += tl.sum(e, 0)
-            start += BLOCK
-        tok = tl.where(tok < 0, last, tok)  # rounding: u * z beyond the walked sum
+        collect = m != m  # False (m is a number on this branch), as a tensor for the if below
+        z = m * 0.0
+        if k_on | p_on:
+            collect, _thr, z = _plan(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k,
+                                     p_on, p, NB, BIN_W, CAP)
+        count = tl.load(cand_count + b)
+        if collect & (count <= CAP):
+            tok, lp = sample_from_candidates(cand + b * CAP, count, row, V, m, k_on, k, p_on, p, log_minp, z, u,
+                                              NPIV, CAND_BLOCK, BLOCK)
+        else:
+            tok, lp = sample_by_passes(row, V, m, k_on, k, p_on, p, log_minp, u, BLOCK, NPIV, SEARCH_BLOCK)
         tl.store(tokens + b, tok)
-        tl.store(logprobs + b, (tl.load(row + tok) - m) - tl.log(z))
+        tl.store(logprobs + b, lp)
 
 
 def _table(xs, coeffs):
     """Inputs grouped f32 | bf16 | f16: address and stride tables, counts, reordered coefficients."""
-    order = sorted(range(len(xs)), key=lambda k: _ORDER.index(xs[k].dtype))
-    counts = [sum(1 for x in xs if x.dtype == o) for o in _ORDER]
+    order, counts = group_by_dtype([x.dtype for x in xs])
     dev = xs[0].device
     table = torch.tensor([[xs[k].data_ptr() for k in order], [xs[k].stride(0) for k in order]], dtype=torch.int64)
     table = table.to(dev, non_blocking=True)
     return table[0], table[1], counts, coeffs[:, order].contiguous()
 
 
-def _device_ctx(dev):
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 def _combine(xs, coeffs, temperature, s_out, scale: bool):
+    """Launches _combine_kernel; with ``scale`` (sampling) also the histograms. Returns the partials."""
     B, V = xs[0].shape
     dev = xs[0].device
     sz = _sizes(dev)
@@ -247,30 +366,53 @@ def _combine(xs, coeffs, temperature, s_out, scale: bool):
     part_max = torch.empty((B, nch), dtype=torch.float32, device=dev)
     part_arg = torch.empty((B, nch), dtype=torch.int64, device=dev)
     part_bad = torch.empty((B, nch), dtype=torch.int32, device=dev)
+    hist = torch.empty((B, nch, NB) if scale else (1,), dtype=torch.int32, device=dev)
+    part_z = torch.empty((B, nch) if scale else (1,), dtype=torch.float32, device=dev)
+    cand_count = torch.empty((B,) if scale else (1,), dtype=torch.int32, device=dev)
+    near = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.float32, device=dev)
+    near_count = torch.empty((B, nch) if scale else (1,), dtype=torch.int32, device=dev)
     _combine_kernel[(B, nch)](
-        addrs, strides, c, temperature if scale else c, s_out, part_max, part_arg, part_bad, V, nch,
-        N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"],
-        num_warps=4,
+        addrs, strides, c, temperature if scale else c, s_out, part_max, part_arg, part_bad, hist, part_z,
+        cand_count, near, near_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
+        CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
-    return part_max, part_arg, part_bad, nch
+    return part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch
 
 
 def guided_logits_triton(xs, coeffs, out) -> None:
     """out [B, V] fp32 = sum_m coeffs[:, m] * xs[m] (validated by soupkernels.sampling)."""
-    with _device_ctx(xs[0].device):
+    with device_ctx(xs[0].device):
         _combine(xs, coeffs, None, out, scale=False)
+
+
+def _combine_and_collect(xs, coeffs, temperature, top_k, top_p) -> dict:
+    """The first two launches: scratch, partials, histograms and candidate lists (tests read them too)."""
+    B, V = xs[0].shape
+    dev = xs[0].device
+    sz = _sizes(dev)
+    s = torch.empty((B, V), dtype=torch.float32, device=dev)
+    part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch = _combine(
+        xs, coeffs, temperature, s, scale=True)
+    cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
+    _collect_kernel[(B, nch)](
+        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, near, near_count, V, nch,
+        NCH_P2=triton.next_power_of_2(nch), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"],
+        NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
+    )
+    return dict(s=s, part_max=part_max, part_arg=part_arg, part_bad=part_bad, hist=hist, part_z=part_z,
+                cand=cand, cand_count=cand_count, near_count=near_count, nch=nch)
 
 
 def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:
     """Fills tokens [B] int64 and logprobs [B] fp32 (validated by soupkernels.sampling)."""
     B, V = xs[0].shape
     dev = xs[0].device
-    with _device_ctx(dev):
-        s = torch.empty((B, V), dtype=torch.float32, device=dev)
-        part_max, part_arg, part_bad, nch = _combine(xs, coeffs, temperature, s, scale=True)
+    sz = _sizes(dev)
+    with device_ctx(dev):
+        st = _combine_and_collect(xs, coeffs, temperature, top_k, top_p)
         _sample_kernel[(B,)](
-            s, part_max, part_arg, part_bad, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs,
-            V, nch, NCH_P2=triton.next_power_of_2(nch), BLOCK=_sizes(dev)["BLOCK"], NPIV=NPIV,
-            SEARCH_BLOCK=_sizes(dev)["SEARCH_BLOCK"],
-            num_warps=4,
+            st["s"], st["part_max"], st["part_arg"], st["part_bad"], st["hist"], st["cand"], st["cand_count"],
+            st["part_z"], temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, V, st["nch"],
+            NCH_P2=triton.next_power_of_2(st["nch"]), BLOCK=sz["BLOCK"], NPIV=NPIV, SEARCH_BLOCK=sz["SEARCH_BLOCK"],
+            CAND_BLOCK=sz["CAND_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
         )

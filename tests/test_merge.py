@@ -82,10 +82,17 @@ def test_out_aliases_an_input(backend, alias):
     for dt in DTYPES:
         xs = _inputs(gen, 70_001, [dt] * 3)
         originals = [x.clone() for x in xs]
+        storage = xs[alias].data_ptr()
         cs = [1.75, -0.75, 0.5]
         out = sk.merge(xs, cs, out=xs[alias])
-        assert out.data_ptr() == originals[alias].data_ptr() or out is xs[alias]
-        assert_merged(xs[alias], originals, cs)
+        # The result is written in place: the returned tensor is the aliased
+        # input itself, on its own storage, and holds the merge of the inputs
+        # as they were before the call; the other inputs are untouched.
+        assert out is xs[alias] and out.data_ptr() == storage
+        assert_merged(out, originals, cs)
+        for k in range(3):
+            if k != alias:
+                assert torch.equal(xs[k], originals[k]), k
 
 
 def test_empty_tensors(backend):

@@ -26,10 +26,12 @@ from kernel_paths import simd_levels, use_backend
 from soupkernels import backend as sk_backend
 from soupkernels.philox import philox_uniform
 from soupkernels.sampling_reference import guided_logits_reference, guided_sample_reference, kept_mask_reference
+from soupkernels.torch_sampling import guided_sample_torch, kept_mask_torch
 
 
 KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
-    pytest.param(("triton", None), id="triton-interp")
+    pytest.param(("triton", None), id="triton-interp"),
+    pytest.param(("torch", None), id="torch"),  # the batched fallback (CUDA without Triton)
 ]
 
 
@@ -152,7 +154,7 @@ def test_chi_square_against_transformers_warpers(kw, monkeypatch):
                          ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 def test_kernels_match_reference_token_for_token(kernel, kw):
     gen = torch.Generator().manual_seed(7)
-    B, V = (96, 257) if kernel == "triton" else (2000, 1000)  # the interpreter is slow
+    B, V = (48, 257) if kernel == "triton" else (2000, 1000)  # the interpreter is slow
     xs = [torch.randn(B, V, generator=gen) * 2, (torch.randn(B, V, generator=gen) * 2).bfloat16()]
     coeffs = torch.randn(B, 2, generator=gen)
     seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
@@ -181,6 +183,72 @@ def test_cpp_and_triton_agree_at_llama3_vocab(monkeypatch):
         ref, _ = _reference(xs, coeffs, seed=torch.tensor([11, 12]), offset=5, **kw)
         assert torch.equal(got["cpp"], got["triton"]), kw
         assert torch.equal(got["cpp"], ref), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kw", FILTERS + [dict(temperature=0.0)],
+                         ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_cuda_backends_match_reference(backend, kw, monkeypatch):
+    """On a GPU: the compiled Triton kernel and the batched torch path at a Llama-3 vocabulary."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SOUPKERNELS_BACKEND", backend)
+    gen = torch.Generator().manual_seed(17)
+    B, V, M = 64, 128_256, 4
+    xs = [(torch.randn(B, V, generator=gen) * 3).bfloat16() for _ in range(M)]
+    coeffs = torch.randn(B, M, generator=gen)
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
+    offsets = torch.randint(0, 2**40, (B,), generator=gen)
+    tok, lp = sk.guided_sample([x.cuda() for x in xs], coeffs.cuda(), seed=seeds, offset=offsets,
+                               return_logprobs=True, **kw)
+    assert tok.is_cuda
+    ref_tok, ref_lp = _reference(xs, coeffs, seed=seeds, offset=offsets, acc_dtype=torch.float32, **kw)
+    same = tok.cpu() == ref_tok
+    assert int((~same).sum()) <= 1, f"{backend}: {int((~same).sum())} of {B} draws differ from the reference"
+    torch.testing.assert_close(lp.cpu()[same], ref_lp[same], rtol=1e-4, atol=2e-5)
+
+
+def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeypatch):
+    """Rows with top-k / top-p are resolved on candidate lists; rows whose cut-off holds more than CAP
+    tokens (forced here with a tiny CAP, and a flat row) take the row passes. Both: the reference's tokens."""
+    pytest.importorskip("triton")
+    from soupkernels import triton_sampling as ts
+
+    monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(31)
+    B, V = 12, 3001
+    x = torch.randn(B, V, generator=gen) * torch.linspace(0.3, 5.0, B)[:, None]  # flat to peaked rows
+    x[0] = 1.0  # every token ties at the max
+    x[1] = torch.round(x[1] * 2)  # runs of ties at the cut-offs
+    kw = dict(temperature=torch.linspace(0.5, 1.5, B), top_k=[0, 5, 50, 0, 1, 200, 0, 30, 0, 3000, 7, 0],
+              top_p=[0.9, 1.0, 0.9, 0.5, 1.0, 0.95, 0.99, 0.7, 0.3, 1.0, 0.8, 0.9],
+              min_p=[0.0] * 6 + [0.05] + [0.0] * 5, seed=torch.arange(B) * 17 + 1, offset=3)
+    ref, ref_lp = _reference([x], [1.0], acc_dtype=torch.float32, **kw)
+    per_row = _per_row(B, **{k: v for k, v in kw.items() if k in ("seed", "offset")})
+    temp, top_k, top_p = (torch.as_tensor(kw[k], dtype=d) for k, d in
+                          (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32)))
+    assert per_row[4].shape == (B,)
+    for cap in (ts.CAP, 8):
+        monkeypatch.setitem(ts._INTERPRETED, "CAP", cap)
+        state = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)
+        counts = state["cand_count"]
+        assert (state["near_count"][3:] <= ts.LCAP).all()  # the more peaked rows' lists are usable
+        listed = (counts > 0) & (counts <= cap)
+        if cap == ts.CAP:  # every row fits in a list but the flat one and top_k = 3000 of 3001
+            assert listed.tolist() == [False] + [True] * 8 + [False] + [True] * 2, counts
+            # The collect pass reads the combine pass's near-top lists where the cut-off lies inside
+            # them, the scratch otherwise: lists of one entry (unusable) give the same candidates.
+            monkeypatch.setattr(ts, "LCAP", 1)
+            assert torch.equal(ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"],
+                               counts)
+            monkeypatch.undo()
+            monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
+        else:  # the larger lists no longer fit
+            assert not listed[[0, 2, 3, 5, 6, 9, 11]].any(), counts
+        tok, lp = sk.guided_sample([x], [1.0], return_logprobs=True, **kw)
+        assert torch.equal(tok, ref), (cap, tok, ref)
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5000, top_p=0.9), dict(top_k=4096, top_p=0.5), dict(top_k=4097, top_p=0.5),
@@ -219,6 +287,44 @@ def test_cpp_matches_reference_property(B, V, M, temperature, top_k, top_p, min_
     tok = sk.guided_sample(xs, coeffs, seed=seed, **kw)
     ref, _ = _reference(xs, coeffs, seed=seed, acc_dtype=torch.float32, **kw)
     assert torch.equal(tok, ref)
+
+
+def test_torch_fallback_keeps_the_reference_sets_and_draws_its_tokens():
+    """The batched torch path: per row the reference's kept set, and its token for the same uniform."""
+    gen = torch.Generator().manual_seed(21)
+    B, V = 48, 301
+    z = torch.randn(B, V, generator=gen) * 3
+    z[::3] = torch.round(z[::3])  # ties, at the top-k and top-p boundaries too
+    z[1::4, ::5] = -float("inf")
+    temperature = torch.rand(B, generator=gen) * 2 + 0.1
+    top_k = torch.randint(0, 60, (B,), generator=gen) * (torch.rand(B, generator=gen) < 0.7)
+    top_k[:3] = torch.tensor([1, V, 10 * V])
+    top_p = torch.where(torch.rand(B, generator=gen) < 0.7, torch.rand(B, generator=gen), torch.ones(B))
+    top_p = top_p.clamp_min(1e-3)
+    min_p = torch.where(torch.rand(B, generator=gen) < 0.4, torch.rand(B, generator=gen) * 0.3, torch.zeros(B))
+    s = z / temperature[:, None]
+    keep = kept_mask_torch(s, top_k, top_p, min_p)
+    for b in range(B):
+        ref = kept_mask_reference(s[b], int(top_k[b]), float(top_p[b]), float(min_p[b]))
+        assert torch.equal(keep[b], ref), b
+    # The same uniform gives the same token (and log-prob) as the per-row specification.
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
+    offsets = torch.randint(0, 2**40, (B,), generator=gen)
+    temperature[5] = 0.0  # a greedy row
+    z[7, 3] = float("nan")  # an invalid row
+    args = ([z, z * 0.5], torch.tensor([[0.6, 0.8]]).expand(B, 2).contiguous(), temperature, top_k, top_p, min_p,
+            seeds, offsets)
+    tok, lp = guided_sample_torch(*args)
+    ref_tok, ref_lp = guided_sample_reference(*args)
+    assert torch.equal(tok, ref_tok)
+    assert tok[7] == -1 and torch.isnan(lp[7])
+    same = tok >= 0
+    torch.testing.assert_close(lp[same], ref_lp[same], rtol=1e-5, atol=1e-6)
+    # An explicit uniform of 0 takes the first kept token of each row.
+    got, _ = guided_sample_torch(*args, uniforms=torch.zeros(B))
+    kept = kept_mask_torch(z / torch.where(temperature == 0, 1.0, temperature)[:, None], top_k, top_p, min_p)
+    for b in set(range(B)) - {5, 7}:
+        assert got[b] == torch.nonzero(kept[b])[0, 0], b
 
 
 # ------------------------------------------------------------- semantics

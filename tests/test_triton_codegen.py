@@ -73,14 +73,23 @@ from soupkernels import triton_sampling as ts
 
 out = {}
 combine_sig = {"in_addrs": "*i64", "strides": "*i64", "coeffs": "*fp32", "temperature": "*fp32",
-               "s_out": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32",
-               "V": "i64", "NCH": "i64"}
-consts = {"N_F32": 0, "N_BF16": 3, "N_F16": 1, "SCALE": True, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK}
-sample_sig = {"s_ptr": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32",
+               "s_out": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32", "hist": "*i32",
+               "part_z": "*fp32", "cand_count": "*i32", "near": "*fp32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
+consts = {"N_F32": 0, "N_BF16": 3, "N_F16": 1, "SCALE": True, "HIST": True, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK,
+          "NB": ts.NB, "BIN_W": ts.BIN_W, "NEAR_D": ts.NEAR_D, "LCAP": ts.LCAP}
+collect_sig = {"s_ptr": "*fp32", "part_max": "*fp32", "part_bad": "*i32", "hist": "*i32", "temperature": "*fp32",
+               "top_k": "*i64", "top_p": "*fp32", "cand": "*fp32", "cand_count": "*i32", "part_z": "*fp32",
+               "near": "*fp32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
+cconsts = {"NCH_P2": 16, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK, "NB": ts.NB, "BIN_W": ts.BIN_W, "CAP": ts.CAP,
+           "NEAR_D": ts.NEAR_D, "LCAP": ts.LCAP}
+sample_sig = {"s_ptr": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32", "hist": "*i32",
+              "cand": "*fp32", "cand_count": "*i32", "part_z": "*fp32",
               "temperature": "*fp32", "top_k": "*i64", "top_p": "*fp32", "min_p": "*fp32", "seed": "*i64",
               "offset": "*i64", "tokens": "*i64", "logprobs": "*fp32", "V": "i64", "NCH": "i64"}
-sconsts = {"NCH_P2": 16, "BLOCK": ts.BLOCK, "NPIV": ts.NPIV, "SEARCH_BLOCK": ts.SEARCH_BLOCK}
+sconsts = {"NCH_P2": 16, "BLOCK": ts.BLOCK, "NPIV": ts.NPIV, "SEARCH_BLOCK": ts.SEARCH_BLOCK,
+           "CAND_BLOCK": ts.CAND_BLOCK, "NB": ts.NB, "BIN_W": ts.BIN_W, "CAP": ts.CAP}
 for name, fn, sig, c in (("combine", ts._combine_kernel, combine_sig, consts),
+                         ("collect", ts._collect_kernel, collect_sig, cconsts),
                          ("sample", ts._sample_kernel, sample_sig, sconsts)):
     sig = dict(sig, **{k: "constexpr" for k in c})
     try:
@@ -106,7 +115,7 @@ print(json.dumps(out))
 """
 
 
-def test_sampling_kernels_compile_for_sm90_without_spills():
+def test_sampling_kernels_compile_for_sm90_without_spills(capsys):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _SAMPLING_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -114,6 +123,9 @@ def test_sampling_kernels_compile_for_sm90_without_spills():
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in info:
         pytest.skip(f"cannot compile for sm_90 here: {info['skip']}")
+    with capsys.disabled():
+        print(f"\nsm_90 registers / spill bytes: {info}")
+    assert set(info) == {"combine", "collect", "sample"}
     for name, k in info.items():
         # A spilling kernel would not reach the bandwidth floor; the register
         # budget keeps several warps per SM resident (255 is the hard limit).

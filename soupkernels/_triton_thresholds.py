@@ -1,0 +1,149 @@
+"""Thresholds and the draw of the Triton sampler, over one row or one candidate list (private).
+
+Used by soupkernels/triton_sampling.py's ``_sample_kernel``: the top-k and
+top-p thresholds by a multi-pivot search over the order-preserving integer
+keys of s (NPIV pivots per pass, so ~8 passes pin a 32-bit key exactly),
+the kept mass, and the inverse-CDF walk with ``tl.cumsum``; either over the
+whole scratch row or over a row's candidate list (the tokens above a cut-off
+that holds the kept set).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KEY_MIN = tl.constexpr(-2147483648)  # the smallest order-preserving key
+
+
+@triton.jit
+def _keys(s):
+    # Order-preserving int32 image of a float (-0.0 was canonicalised to +0.0).
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+
+
+@triton.jit
+def _search(row, V, m, lo, hi, floor_key, target, BY_MASS: tl.constexpr, NPIV: tl.constexpr,
+            SEARCH_BLOCK: tl.constexpr, FIXED: tl.constexpr = False):
+    # Largest key t in [lo, hi] with f(t) >= target, where f(t) counts (or, BY_MASS,
+    # sums exp(s - m) over) the tokens with key >= t among those with key >= floor_key.
+    # Needs f(lo) >= target; f is non-increasing, so each pass keeps the bracket.
+    # FIXED: masses in fixed point (_fixed), summed exactly whatever the order
+    # of the tokens in `row` (the candidate lists are filled in any order).
+    j = tl.arange(0, NPIV).to(tl.int64)
+    while lo < hi:
+        piv = lo + ((j + 1) * (hi - lo) + NPIV) // (NPIV + 1)  # in (lo, hi]
+        if FIXED:
+            f = tl.zeros([NPIV], dtype=tl.int64)
+        else:
+            f = tl.zeros([NPIV], dtype=tl.float32)
+        for start in range(0, V, SEARCH_BLOCK):
+            idx = start + tl.arange(0, SEARCH_BLOCK)
+            mask = idx < V
+            s = tl.load(row + idx, mask=mask, other=-float("inf"))
+            key = _keys(s)
+            live = mask & (key >= floor_key)
+            if FIXED:
+                w = tl.where(live, _fixed(tl.exp(s - m)), 0) if BY_MASS else live.to(tl.int64)
+            elif BY_MASS:
+                w = tl.where(live, tl.exp(s - m), 0.0)
+            else:
+                w = live.to(tl.float32)
+            hit = key[:, None] >= piv[None, :]
+            f += tl.sum(tl.where(hit, w[:, None], 0), 0)
+        ok = f.to(tl.float32) >= target
+        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
+        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv - 1), 0))
+    return lo
+
+
+@triton.jit
+def _fixed(e):
+    # e in [0, 1] as an integer multiple of 2^-36 (csrc/sample_body.inc's fixed
+    # point): sums of these are exact, so they do not depend on the order.
+    return (e * 68719476736.0 + 0.5).to(tl.int64)
+
+
+@triton.jit
+def _walk(row, V, m, tau, log_minp, target, BLOCK: tl.constexpr):
+    # The first kept token, in vocabulary order, whose running kept mass
+    # exceeds target; block by block, stopping at the block that holds it.
+    run = 0.0
+    tok = (tau * 0 - 1).to(tl.int64)
+    last = tok
+    start = tau * 0
+    while (start < V) & (tok < 0):
+        idx = start + tl.arange(0, BLOCK)
+        s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
+        keep = (_keys(s) >= tau) & (s - m >= log_minp)
+        e = tl.where(keep, tl.exp(s - m), 0.0)
+        hit = (run + tl.cumsum(e, 0) > target) & (idx < V)
+        first = tl.min(tl.where(hit, idx, V), 0)
+        tok = tl.where(first < V, first, tok)
+        last = tl.maximum(last, tl.max(tl.where(e > 0.0, idx, -1), 0))
+        run += tl.sum(e, 0)
+        start += BLOCK
+    return tl.where(tok < 0, last, tok)  # rounding: target beyond the walked sum
+
+
+@triton.jit
+def sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_minp, z_row, u, NPIV: tl.constexpr,
+                            CAND_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    # The row's kept set lies inside its candidates (soupkernels.triton_sampling._plan): the
+    # thresholds by the pivot search over the candidates only (count <= CAP,
+    # not V), masses in fixed point (the list's order is arbitrary), then the
+    # walk over the row, which stops at the token's block.
+    key_min = (m * 0).to(tl.int64) + KEY_MIN
+    key_max = _keys(m)
+    tau = key_min
+    if k_on:
+        tau = _search(cand_row, count, m, key_min, key_max, key_min, k.to(tl.float32), False, NPIV, CAND_BLOCK,
+                      True)
+    if p_on:
+        z1 = z_row * 68719476736.0  # the whole row's mass (top-k off), in fixed-point units
+        if k_on:
+            acc = tl.zeros([CAND_BLOCK], dtype=tl.int64)
+            for start in range(0, count, CAND_BLOCK):
+                idx = start + tl.arange(0, CAND_BLOCK)
+                s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
+                acc += tl.where(_keys(s) >= tau, _fixed(tl.exp(s - m)), 0)
+            z1 = tl.sum(acc, 0).to(tl.float32)
+        tau = _search(cand_row, count, m, tau, key_max, tau, p * z1, True, NPIV, CAND_BLOCK, True)
+    acc = tl.zeros([CAND_BLOCK], dtype=tl.int64)
+    for start in range(0, count, CAND_BLOCK):
+        idx = start + tl.arange(0, CAND_BLOCK)
+        s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
+        acc += tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
+    z = tl.sum(acc, 0).to(tl.float32) * (1.0 / 68719476736.0)
+    tok = _walk(row, V, m, tau, log_minp, u * z, BLOCK)
+    return tok, (tl.load(row + tok) - m) - tl.log(z)
+
+
+@triton.jit
+def sample_by_passes(row, V, m, k_on, k, p_on, p, log_minp, u, BLOCK: tl.constexpr, NPIV: tl.constexpr,
+                      SEARCH_BLOCK: tl.constexpr):
+    # Any row, by passes over its scratch row: thresholds by the pivot search,
+    # the kept mass, then the walk.
+    key_min = (m * 0).to(tl.int64) + KEY_MIN
+    key_max = _keys(m)
+    tau = key_min
+    if k_on:
+        tau = _search(row, V, m, key_min, key_max, key_min, k.to(tl.float32), False, NPIV, SEARCH_BLOCK)
+    if p_on:
+        z1 = tl.zeros([SEARCH_BLOCK], dtype=tl.float32)
+        for start in range(0, V, SEARCH_BLOCK):
+            idx = start + tl.arange(0, SEARCH_BLOCK)
+            s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
+            z1 += tl.where(_keys(s) >= tau, tl.exp(s - m), 0.0)
+        target = p * tl.sum(z1, 0)
+        tau = _search(row, V, m, tau, key_max, tau, target, True, NPIV, SEARCH_BLOCK)
+    zacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        s = tl.load(row + idx, mask=idx < V, other=-float("inf"))
+        keep = (_keys(s) >= tau) & (s - m >= log_minp)
+        zacc += tl.where(keep, tl.exp(s - m), 0.0)
+    z = tl.sum(zacc, 0)
+    tok = _walk(row, V, m, tau, log_minp, u * z, BLOCK)
+    return tok, (tl.load(row + tok) - m) - tl.log(z)
