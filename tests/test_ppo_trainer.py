@@ -8,6 +8,7 @@ import pytest
 import torch
 from ppo_task_fixtures import task_sft, tiny_policy  # noqa: F401  (fixture)
 
+from bonesoup.decode.batching import position_ids_from_mask
 from bonesoup.train.ppo import PPOConfig, PPOTrainer
 from bonesoup.train.ppo.rollout import logprobs_from_logits, response_logits
 from bonesoup.train.rewards import CombinedReward, combination_weights
@@ -81,7 +82,7 @@ def test_temperature_tempers_policy_and_reference_alike(task_sft):
     r = tr.last_rollout
     ids = torch.cat([r["query"], r["response"]], 1)
     attn = torch.cat([r["query_mask"], r["response_mask"]], 1)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids_from_mask(attn)
     P, m = r["query"].shape[1], r["response_mask"].bool()
     with torch.no_grad():
         for model, key in ((before, "old_logprobs"), (sft_model, "ref_logprobs")):
@@ -276,7 +277,7 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weig
     sft_model = AutoModelForCausalLM.from_pretrained(task_sft)
     ids = torch.cat([r["query"], r["response"]], 1)
     attn = torch.cat([r["query_mask"], r["response_mask"]], 1)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids_from_mask(attn)
     with torch.no_grad():
         ref = logprobs_from_logits(response_logits(sft_model(input_ids=ids, attention_mask=attn,
                                                              position_ids=pos).logits, r["query"].shape[1]),
