@@ -16,9 +16,8 @@ Sampling is :func:`bonesoup.decode.guided.guided_generate` (KV cache,
 ``soupkernels.guided_sample``) with one Philox key per rollout from
 :func:`bonesoup.decode.batching.derive_seed`, so a rollout's tokens depend
 on its key, its prompt and the model only, never on which other rows share
-its batch (or its process, under data parallelism).
-:meth:`Rollout.from_generation` turns the decode loop's output into PPO's
-fixed-width tensors.
+its batch (or its process, under data parallelism). :func:`generate_rollout`
+turns the decode loop's output into PPO's fixed-width tensors.
 """
 
 from __future__ import annotations
