@@ -35,6 +35,27 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero_exactly(task_sft):
         assert torch.all(fm["approx_kl"][m] == 0.0)
 
 
+def test_rollout_i_is_the_decode_loops_draw_with_key_seed_step_i(task_sft):
+    # Rollout i of step s draws with derive_seed(seed, s, i): generation batches do not change it, and
+    # row i alone through generate_rollout (the SFT policy, which samples step 0) draws the same tokens.
+    from bonesoup.decode.batching import derive_seed
+    from bonesoup.train.ppo.rollout import generate_rollout
+
+    whole, chunked = _trainer(task_sft, seed=4), _trainer(task_sft, seed=4, generation_batch_size=4)
+    whole.step()
+    chunked.step()
+    r = whole.last_rollout
+    assert torch.equal(r["response"], chunked.last_rollout["response"])
+    sft, tok = tiny_policy(task_sft)
+    for i in (0, 5, 15):
+        alone = generate_rollout(sft, r["query"][[i]], r["query_mask"][[i]], seeds=[derive_seed(4, 0, i)],
+                                 max_new_tokens=SMALL["max_new_tokens"], temperature=1.0, eos_id=tok.eos_token_id,
+                                 pad_id=tok.pad_token_id)
+        assert torch.equal(alone.response[0], r["response"][i]), i
+        assert torch.equal(alone.response_mask[0], r["response_mask"][i]), i
+    assert len({tuple(x) for x in r["response"].tolist()}) > 8  # rows are distinct draws
+
+
 def test_first_step_kl_to_reference_is_zero_and_rewards_are_placed_right(task_sft):
     tr = _trainer(task_sft, kl_coef=0.2)
     stats = tr.step()
