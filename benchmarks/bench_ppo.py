@@ -1,10 +1,12 @@
 """PPO step throughput: rollout tokens/s and training tokens/s, CPU or GPU, in one process.
 
     python benchmarks/bench_ppo.py                       # the embedded task's tiny policy, CPU
+    python benchmarks/bench_ppo.py --quick               # the same, 2 measured steps (a smoke run)
     python benchmarks/bench_ppo.py --preset gpt2 --device cuda   # a 124M GPT-2 (random weights), bf16
 
 Tokens are response tokens that count (up to and including EOS). Rollout:
-KV-cache sampling of the local batch. Training: the rollout forward (old
+the local batch through the one decode loop (``guided_generate``: KV cache,
+fused sampler). Training: the rollout forward (old
 log-probs, values, reference log-probs) plus ``ppo_epochs`` passes of
 forward + backward, so training tokens/s = tokens x epochs / that time.
 The first step is a warm-up and is not reported. Prints a table last;
@@ -51,12 +53,15 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=["tiny", "gpt2"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=4, help="measured steps (after one warm-up step)")
+    ap.add_argument("--quick", action="store_true", help="2 measured steps (overrides --steps)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mini-batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = 2
     if args.threads:
         torch.set_num_threads(args.threads)
 

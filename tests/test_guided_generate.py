@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 import soupkernels as sk
 from bonesoup import GuidanceLogitsProcessor, guided_generate
-from bonesoup.decode.guided import row_seeds
+from bonesoup.decode.batching import derive_seed, position_ids_from_mask, row_seeds
 from bonesoup.tasks.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
 
 PROMPTS = ["The user asks", "Waves roll in, grey and slow", "Hi", "Thank you for the clear"]
@@ -51,7 +51,7 @@ def encode(tok, prompts):
 def full_recompute_logprobs(models, coeffs, sequences, mask, prompt_len, temperature):
     """Log-probs of the new tokens from one no-cache forward per model over the whole sequence."""
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], sequences.shape[1] - prompt_len, dtype=mask.dtype)], -1)
-    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+    pos = position_ids_from_mask(full_mask)
     with torch.no_grad():
         z = sum(c * m(input_ids=sequences, attention_mask=full_mask, position_ids=pos).logits.float()
                 for c, m in zip(coeffs, models))
@@ -201,6 +201,19 @@ def test_row_output_does_not_depend_on_other_rows(models, tok):
     assert not torch.equal(other.new_tokens[0], out1.new_tokens[0])
     assert torch.equal(row_seeds(7, 3)[:2], row_seeds(7, 2))  # a row's key depends on (seed, row) only
     assert len(set(row_seeds(7, 64).tolist())) == 64
+
+
+def test_one_seeding_scheme_derive_seed():
+    # row_seeds is derive_seed(seed, b); keys are int64 (Philox keys travel as int64 tensors), distinct
+    # over nearby tuples (no seed + b collisions), and negative or huge inputs are taken mod 2^64.
+    assert row_seeds(7, 5).tolist() == [derive_seed(7, b) for b in range(5)]
+    grid = [derive_seed(s, t, i) for s in range(4) for t in range(4) for i in range(16)]
+    assert len(set(grid)) == len(grid) and all(-(2**63) <= k < 2**63 for k in grid)
+    assert derive_seed(1, 2) != derive_seed(2, 1) and derive_seed(3, 0) != derive_seed(2, 1)
+    assert derive_seed(-1, 5) == derive_seed(2**64 - 1, 5)
+    assert torch.tensor(grid, dtype=torch.int64).shape == (len(grid),)
+    with pytest.raises(ValueError, match="at least one integer"):
+        derive_seed()
 
 
 class ConstantLM(torch.nn.Module):
@@ -372,3 +385,48 @@ def test_bad_arguments_are_refused_with_the_argument_named(models, batch, tok):
         args.update(override)
         with pytest.raises(exc, match=pattern):
             guided_generate(**args)
+
+
+# (i) --------------------------------------------------------------------------------------------
+
+
+class NaNRowGuide(torch.nn.Module):
+    """Zero logits, except row ``row`` from decoding step ``from_step`` on: NaN (a model gone bad)."""
+
+    def __init__(self, vocab, row, from_step):
+        super().__init__()
+        self.vocab, self.row, self.from_step = vocab, row, from_step
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        step = past_key_values or 0  # forwards run before this one: the decoding step
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        if step >= self.from_step:
+            logits[self.row] = float("nan")
+        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+
+
+@pytest.mark.parametrize("from_step", [0, 3])
+def test_on_invalid_stop_finishes_the_bad_row_only(models, batch, from_step):
+    base, _, _ = models
+    ids, mask = batch
+    V = base.config.vocab_size
+    kw = dict(max_new_tokens=8, temperature=0.9, seed=21, stop_token_ids=[], pad_token_id=1, return_logprobs=True)
+    # The clean run: a zero guide adds exactly 0 to the base's logits.
+    clean = guided_generate(base, [NaNRowGuide(V, 1, from_step=10**9)], [1.0, 1.0], ids, mask, **kw)
+    out = guided_generate(base, [NaNRowGuide(V, 1, from_step)], [1.0, 1.0], ids, mask, on_invalid="stop", **kw)
+    assert out.invalid.tolist() == [False, True, False, False] and not clean.invalid.any()
+    assert out.finished[1] and int(out.lengths[1]) == from_step
+    # The bad row keeps the tokens it had before, then pad (log-prob 0); the others are untouched.
+    assert torch.equal(out.new_tokens[1, :from_step], clean.new_tokens[1, :from_step])
+    assert out.new_tokens[1, from_step:].tolist() == [1] * (out.steps - from_step)
+    assert torch.all(out.logprobs[1, from_step:] == 0)
+    others = [0, 2, 3]
+    assert out.steps == clean.steps == 8
+    assert torch.equal(out.new_tokens[others], clean.new_tokens[others])
+    assert torch.equal(out.logprobs[others], clean.logprobs[others])
+    assert torch.equal(out.lengths[others], clean.lengths[others]) and not out.finished[others].any()
+    # The default, on_invalid="raise", names the step and the row instead.
+    with pytest.raises(ValueError, match=rf"step {from_step}: rows \[1\] of the combined logits hold a NaN"):
+        guided_generate(base, [NaNRowGuide(V, 1, from_step)], [1.0, 1.0], ids, mask, **kw)
+    with pytest.raises(ValueError, match="on_invalid must be 'raise' or 'stop'"):
+        guided_generate(base, [], [1.0], ids, mask, on_invalid="skip")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+from bonesoup.decode.batching import position_ids_from_mask
 from bonesoup.decode.mage import ChunkSearch, mage_generate, mod_generate
 from bonesoup.decode.guided import guided_generate
 from bonesoup.tasks.tiny_models import make_tiny_tokenizer, tiny_gpt2_config
@@ -143,7 +144,7 @@ def test_guided_sampling_matches_the_combined_logits(models, value_dirs, batch):
     out = mage_generate(models.base, soup.guidance, ids, mask, w=w, max_new_tokens=6, temperature=0.0)
     seq, P = out.sequences, ids.shape[1]
     full = torch.cat([mask, torch.ones(4, 6, dtype=mask.dtype)], 1)
-    pos = (full.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(full)
     with torch.no_grad():
         z = sum(c * m(input_ids=seq, attention_mask=full, position_ids=pos).logits
                 for c, m in ((1.0, models.base), (w, soup.model)))
@@ -180,7 +181,7 @@ def test_chunk_search_keeps_the_best_candidate_by_value(models, batch, sign):
     ids, mask = batch
     V = models.base.config.vocab_size
     kw = dict(max_new_tokens=1, temperature=1.5, seed=11, stop_token_ids=[])
-    # Candidate 0 of a row is the same draw whatever K (row_seeds does not depend on the count),
+    # Candidate 0 of a row is the same draw whatever K (its key derive_seed(row key, t, 0) does not depend on K),
     # so the best of 16 by Q is never worse than the single candidate, and better somewhere.
     one = mage_generate(models.base, None, ids, mask, search=ChunkSearch(_TokenValue(V, sign), 1, 1), **kw)
     best = mage_generate(models.base, None, ids, mask, search=ChunkSearch(_TokenValue(V, sign), 16, 1), **kw)

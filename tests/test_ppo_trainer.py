@@ -8,6 +8,7 @@ import pytest
 import torch
 from ppo_task_fixtures import task_sft, tiny_policy  # noqa: F401  (fixture)
 
+from bonesoup.decode.batching import position_ids_from_mask
 from bonesoup.train.ppo import PPOConfig, PPOTrainer
 from bonesoup.train.ppo.rollout import logprobs_from_logits, response_logits
 from bonesoup.train.rewards import CombinedReward, combination_weights
@@ -32,6 +33,27 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero_exactly(task_sft):
         assert m.any()
         assert torch.all(fm["ratio"][m] == 1.0)
         assert torch.all(fm["approx_kl"][m] == 0.0)
+
+
+def test_rollout_i_is_the_decode_loops_draw_with_key_seed_step_i(task_sft):
+    # Rollout i of step s draws with derive_seed(seed, s, i): generation batches do not change it, and
+    # row i alone through generate_rollout (the SFT policy, which samples step 0) draws the same tokens.
+    from bonesoup.decode.batching import derive_seed
+    from bonesoup.train.ppo.rollout import generate_rollout
+
+    whole, chunked = _trainer(task_sft, seed=4), _trainer(task_sft, seed=4, generation_batch_size=4)
+    whole.step()
+    chunked.step()
+    r = whole.last_rollout
+    assert torch.equal(r["response"], chunked.last_rollout["response"])
+    sft, tok = tiny_policy(task_sft)
+    for i in (0, 5, 15):
+        alone = generate_rollout(sft, r["query"][[i]], r["query_mask"][[i]], seeds=[derive_seed(4, 0, i)],
+                                 max_new_tokens=SMALL["max_new_tokens"], temperature=1.0, eos_id=tok.eos_token_id,
+                                 pad_id=tok.pad_token_id)
+        assert torch.equal(alone.response[0], r["response"][i]), i
+        assert torch.equal(alone.response_mask[0], r["response_mask"][i]), i
+    assert len({tuple(x) for x in r["response"].tolist()}) > 8  # rows are distinct draws
 
 
 def test_first_step_kl_to_reference_is_zero_and_rewards_are_placed_right(task_sft):
@@ -81,7 +103,7 @@ def test_temperature_tempers_policy_and_reference_alike(task_sft):
     r = tr.last_rollout
     ids = torch.cat([r["query"], r["response"]], 1)
     attn = torch.cat([r["query_mask"], r["response_mask"]], 1)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids_from_mask(attn)
     P, m = r["query"].shape[1], r["response_mask"].bool()
     with torch.no_grad():
         for model, key in ((before, "old_logprobs"), (sft_model, "ref_logprobs")):
@@ -276,7 +298,7 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weig
     sft_model = AutoModelForCausalLM.from_pretrained(task_sft)
     ids = torch.cat([r["query"], r["response"]], 1)
     attn = torch.cat([r["query_mask"], r["response_mask"]], 1)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids_from_mask(attn)
     with torch.no_grad():
         ref = logprobs_from_logits(response_logits(sft_model(input_ids=ids, attention_mask=attn,
                                                              position_ids=pos).logits, r["query"].shape[1]),

@@ -74,17 +74,23 @@ def test_targets_land_on_the_taken_tokens_up_to_eos():
 
 def test_regression_beats_the_constant_predictor_and_round_trips(trained, task_sft):  # noqa: F811
     root, outs = trained
-    # Sentiment is mostly decided by the first adjective: most of its variance is learnable. Conciseness
-    # depends on words not yet written (irreducible at early positions): it must still beat the mean.
-    for o, factor in zip(outs, (0.5, 0.95)):
-        meta = json.loads((o / "bonesoup-value.json").read_text())
-        assert meta["heldout_mse"] < factor * meta["baseline_mse"], meta
+    # Sentiment is mostly decided by the first adjective: most of its variance is learnable, which the
+    # training's own 51-completion hold-out shows.
+    meta = json.loads((outs[0] / "bonesoup-value.json").read_text())
+    assert meta["heldout_mse"] < 0.5 * meta["baseline_mse"], meta
+    # Conciseness depends on words not yet written (irreducible at early positions): it must still beat
+    # the best constant. Its margin is small, so it is measured on 512 fresh completions of the held-out
+    # prompts (on the 51-completion hold-out the ratio moves by +-0.2 with the sampling draws).
+    data = sample_value_data(task_sft, task_prompts("test"), REWARDS, samples=512, seed=99)
+    for o, w, factor in zip(outs, ([1, 0], [0, 1]), (0.5, 0.95)):
+        t, m = value_targets(data, w), data.response_mask.float()
+        best_constant = float((((t - (t * m).sum() / m.sum()) ** 2) * m).sum() / m.sum())
+        assert value_loss(load_value_model(o), data, w) < factor * best_constant, (o.name, best_constant)
     m = load_value_model(outs[0])
     assert not m.config.tie_word_embeddings and m.lm_head.weight.data_ptr() != m.transformer.wte.weight.data_ptr()
     assert torch.count_nonzero(m.lm_head.weight) > 0  # trained away from zero
     keys = [set(load_value_model(o).state_dict()) for o in outs]
     assert keys[0] == keys[1]  # mergeable weight by weight
-    data = sample_value_data(task_sft, task_prompts("test"), REWARDS, samples=64, seed=99)
     a, b = (load_value_model(o) for o in outs)
     # The ensemble at one-hot coefficients is the single model; a mixture target is the weighted sum.
     assert ensemble_loss([a, b], [1.0, 0.0], data, [1, 0]) == pytest.approx(value_loss(a, data, [1, 0]), rel=1e-6)

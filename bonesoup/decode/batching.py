@@ -7,8 +7,11 @@ these, so there is ONE rule for each:
 - prompts are padded on the LEFT (every continuation starts in the same column);
 - position ids count real tokens only: ``cumsum(mask) - 1``, clamped at 0 (pads,
   masked anyway, get position 0 on the left and repeat the last position on the right);
-- a row's sampling key is :func:`row_seeds` of one integer seed (SplitMix64 of the
-  seed and the row index), so a row's draws never depend on the other rows.
+- a row's sampling key comes from ONE scheme, :func:`derive_seed` (SplitMix64
+  chained over integers): ``derive_seed(seed, b)`` for row b of a request
+  (:func:`row_seeds`), ``derive_seed(seed, step, index)`` for PPO rollout ``index``
+  of ``step``, ``derive_seed(key, t, k)`` for chunk-search candidate k; a row's
+  draws never depend on the other rows, the batch or the process.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["row_seeds", "splitmix64", "check_prompt", "position_ids_from_mask", "left_pad", "resolve_stop_and_pad",
-           "model_device"]
+__all__ = ["derive_seed", "row_seeds", "splitmix64", "check_prompt", "position_ids_from_mask", "left_pad",
+           "left_pad_prompts", "resolve_stop_and_pad", "model_device"]
 
 _M64 = (1 << 64) - 1
 
@@ -32,18 +35,28 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_seeds(seed: int, batch_size: int) -> torch.Tensor:
-    """Per-row Philox keys derived from one ``seed``: int64 [batch_size].
+def derive_seed(*keys: int) -> int:
+    """One Philox key (a signed int64 Python int) from a tuple of integers: the project's ONE seeding scheme.
 
-    Row b gets ``splitmix64(splitmix64(seed) ^ b)``: depends only on
-    ``(seed, b)``, so a row keeps its draws whatever the other rows are, and
-    rows of one request (or requests with nearby seeds) get unrelated keys,
-    not ``seed + b`` collisions.
+    ``h = splitmix64(keys[0]); h = splitmix64(h ^ k)`` for each further key
+    (every key taken mod 2^64, so negative ints are fine). Nearby tuples,
+    such as ``(seed, b)`` and ``(seed + 1, b - 1)``, give unrelated keys,
+    which ``seed + b`` style mixing would not.
     """
-    base = splitmix64(int(seed) & _M64)
-    keys = [splitmix64(base ^ b) for b in range(batch_size)]
-    return torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys], dtype=torch.int64)
+    if not keys:
+        raise ValueError("derive_seed needs at least one integer")
+    h = splitmix64(int(keys[0]) & _M64)
+    for k in keys[1:]:
+        h = splitmix64(h ^ (int(k) & _M64))
+    return h - (1 << 64) if h >= 1 << 63 else h  # Philox keys travel as int64 tensors
 
+
+def row_seeds(seed: int, batch_size: int) -> torch.Tensor:
+    """Per-row Philox keys of one request's ``seed``: int64 [batch_size], row b's is ``derive_seed(seed, b)``.
+
+    Depends only on ``(seed, b)``, so a row keeps its draws whatever the other rows are.
+    """
+    return torch.tensor([derive_seed(seed, b) for b in range(batch_size)], dtype=torch.int64)
 
 
 def model_device(model) -> torch.device:
@@ -83,6 +96,28 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = 
         ids[b, P - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
         mask[b, P - len(r):] = 1
     return ids, mask
+
+
+def left_pad_prompts(tokenizer, prompts: Sequence[str], *, max_prompt_tokens: int | None = None,
+                     width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise ``prompts`` (no special tokens added) and :func:`left_pad` them with the tokenizer's pad token.
+
+    Returns ``(input_ids, attention_mask)``, both [B, P] int64; P is the
+    longest prompt or ``width`` if that is larger. ``max_prompt_tokens``
+    keeps the last tokens of longer prompts.
+    """
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError(f"prompts must be a non-empty sequence of strings, got {prompts!r}")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        raise ValueError("tokenizer has no pad_token_id; set one (tokenizer.pad_token = ...) to pad prompts")
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_prompt_tokens is not None:
+        rows = [r[-max_prompt_tokens:] for r in rows]
+    for p, r in zip(prompts, rows):
+        if not r:
+            raise ValueError(f"prompt {p!r} tokenises to nothing; every prompt needs at least one token")
+    return left_pad(rows, pad, width=width)
 
 
 def check_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

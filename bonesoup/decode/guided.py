@@ -328,7 +328,8 @@ def guided_generate(
     top_k : int or [B]
         Keep the k largest; 0 = off.
     seed : int, [B] ints, or None
-        An int derives row b's key as :func:`row_seeds` ``(seed, B)[b]``: a
+        An int derives row b's key as ``derive_seed(seed, b)``
+        (:func:`~bonesoup.decode.batching.row_seeds`, the one seeding scheme): a
         row's tokens depend on (seed, its index, its prompt, its parameters),
         never on the other rows. A [B] sequence/tensor gives each row its own
         key (e.g. per request, independent of batch position). None draws

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .guided import GuidedGeneration, guided_generate, row_seeds
+from .batching import check_prompt, derive_seed, model_device, position_ids_from_mask, resolve_stop_and_pad, row_seeds
+from .guided import GuidedGeneration, guided_generate
 from .values import Guidance
 
 __all__ = ["ChunkSearch", "mage_generate", "mod_generate"]
@@ -125,8 +126,6 @@ def _take(x, idx: torch.Tensor):
 def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search: ChunkSearch, *,
                   max_new_tokens, seed, temperature, top_k, top_p, min_p, stop_token_ids, pad_token_id,
                   return_logprobs) -> GuidedGeneration:
-    from bonesoup.decode.batching import check_prompt, model_device, resolve_stop_and_pad
-
     input_ids, mask = check_prompt(input_ids, attention_mask)
     device = model_device(base_model)
     input_ids, mask = input_ids.to(device), mask.to(device)
@@ -153,8 +152,10 @@ def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search:
         rep = active.repeat_interleave(K)  # candidate k of active row a is row a * K + k
         ids = torch.cat([input_ids[rep], new[rep, :t]], dim=1)
         m = torch.cat([mask[rep], mask.new_ones(A * K, t)], dim=1)
-        # Candidate k of row b draws with its own key: the row's seed mixed with the chunk's start and k.
-        cand_seeds = torch.stack([row_seeds(int(seeds[b]) ^ (t << 20), K) for b in active.tolist()]).flatten()
+        # Candidate k of row b draws with its own key derive_seed(row key, chunk start, k): not on K,
+        # not on the other rows.
+        cand_seeds = torch.tensor([derive_seed(int(seeds[b]), t, k) for b in active.tolist() for k in range(K)],
+                                  dtype=torch.int64)
         c = coeffs if coeffs.ndim == 1 else coeffs[rep.cpu()]
         g = guided_generate(base_model, guides, c, ids, m, max_new_tokens=steps, seed=cand_seeds,
                             stop_token_ids=stops, pad_token_id=pad, return_logprobs=True,
@@ -162,7 +163,7 @@ def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search:
         forwards += g.forwards
         # Score each candidate by Q(prefix + chunk[:-1], chunk[-1]) at its last real token.
         seq, sm = g.sequences, torch.cat([m, (torch.arange(g.steps, device=device) < g.lengths[:, None]).long()], 1)
-        pos = (sm.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(sm)
         q = search.value(input_ids=seq, attention_mask=sm, position_ids=pos).logits.float()
         forwards += 1
         last = ids.shape[1] + g.lengths - 1  # column of the chunk's last real token

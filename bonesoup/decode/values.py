@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from bonesoup.decode.batching import position_ids_from_mask
 from bonesoup.merge.live import LiveSoup, RemergeInfo
 
 __all__ = ["Guidance", "implicit_guidance", "explicit_guidance", "ValueSoup", "guidance_logits"]
@@ -86,7 +87,7 @@ def guidance_logits(guidance: Guidance, input_ids: torch.Tensor, attention_mask:
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(attention_mask)
     outs = [m(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits.float()
             for m in guidance.models]
     if guidance.kind == "implicit":

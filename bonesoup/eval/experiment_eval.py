@@ -25,7 +25,8 @@ class Evaluator:
     """Samples responses for a list of prompts with any [base, guides] + coefficients, scores them."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], samples_per_prompt: int, cfg):
-        from bonesoup.train.ppo.rollout import check_special_tokens, left_pad_prompts
+        from bonesoup.decode.batching import left_pad_prompts
+        from bonesoup.train.ppo.rollout import check_special_tokens
         from bonesoup.train.rewards import get_reward
 
         self.tok, self.cfg = tokenizer, cfg

@@ -46,7 +46,9 @@ class TrainedModels:
         # The training prompts come from code: fingerprint them too, so a change there is a new model.
         self.prompts = task_prompts("train")
         self.common = {"sft": checkpoint_fingerprint(sft), "prompts": fingerprint(self.prompts),
-                       "rewards": list(cfg.rewards), "seed": seed, "torch": torch.__version__}
+                       "rewards": list(cfg.rewards), "seed": seed, "torch": torch.__version__,
+                       # How rollouts are drawn: a change of sampler is a new model.
+                       "sampler": "guided_generate/derive_seed"}
 
     def _ppo(self, name: str, weights) -> Path:
         from bonesoup.train.ppo.checkpoint_training import train_checkpoint

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bonesoup.decode.batching import position_ids_from_mask
 from bonesoup.fingerprint import checkpoint_fingerprint, fingerprint
 
 __all__ = ["ValueData", "make_value_model", "load_value_model", "sample_value_data", "value_targets",
@@ -103,7 +104,11 @@ def load_value_model(path: str | os.PathLike, *, device: str | torch.device = "c
 @torch.no_grad()
 def sample_value_data(sft: str | os.PathLike, prompts: Sequence[str], rewards: Sequence, *, samples: int = 2048,
                       max_new_tokens: int = 20, temperature: float = 1.0, seed: int = 0) -> ValueData:
-    """Sample ``samples`` SFT completions (prompts cycled in order, per-sample seeded) and score them."""
+    """Sample ``samples`` SFT completions (prompts cycled in order, per-sample seeded) and score them.
+
+    Sampling is the one decode loop's (:func:`bonesoup.train.ppo.rollout.sample_rollouts`,
+    i.e. ``guided_generate`` with key ``derive_seed(seed, i)`` for completion i).
+    """
     from bonesoup.train.ppo.checkpoint_training import _reward_fns, load_policy
     from bonesoup.train.ppo.rollout import decode_responses, sample_rollouts
     from bonesoup.train.rewards import CombinedReward
@@ -140,7 +145,7 @@ def value_targets(data: ValueData, weights) -> torch.Tensor:
 
 def value_predictions(model, data: ValueData) -> torch.Tensor:
     """``Q(prefix_<t, a_t)`` [N, T] fp32 for every response token a_t (autograd-enabled when the caller is)."""
-    pos = (data.mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(data.mask)
     q = model(input_ids=data.ids, attention_mask=data.mask, position_ids=pos).logits
     q = q[:, data.prompt_width - 1:-1].float()
     return q.gather(-1, data.response.unsqueeze(-1)).squeeze(-1)
@@ -224,7 +229,9 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     common = dict(sft=checkpoint_fingerprint(sft), rewards=names, prompts=fingerprint(list(prompts)),
                   samples=samples, T=max_new_tokens, temperature=temperature, steps=steps, batch_size=batch_size,
-                  lr=lr, seed=seed, holdout=holdout, torch=torch.__version__)
+                  lr=lr, seed=seed, holdout=holdout, torch=torch.__version__,
+                  # The samples' draws: models cached under an older sampler are rebuilt once.
+                  sampler="guided_generate/derive_seed")
     fps = [fingerprint({**common, "weights": w}) for w in weights]
 
     def cached(out: Path, fp: str) -> bool:

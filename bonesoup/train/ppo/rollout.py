@@ -1,4 +1,4 @@
-"""Rollouts: left-padded prompts, KV-cache sampling, truncation after EOS, log-probs.
+"""Rollouts: PPO's view of the one decode loop, plus the log-probs of full-sequence forwards.
 
 Layout of one batch of B rollouts (P prompt columns, T response columns)::
 
@@ -12,10 +12,12 @@ logits of the same prompt without padding (GPT-2 would otherwise count the
 pads as positions). The pad token must differ from EOS: otherwise a real EOS
 could not be told from padding.
 
-Sampling is per-sample seeded: row i of a batch draws its T uniforms from a
-generator seeded by its own ``sample_seed``, and turns each into a token by
-inverse-CDF, so its tokens do not depend on which other rows share its batch
-(or its process, under data parallelism).
+Sampling is :func:`bonesoup.decode.guided.guided_generate` (KV cache,
+``soupkernels.guided_sample``) with one Philox key per rollout from
+:func:`bonesoup.decode.batching.derive_seed`, so a rollout's tokens depend
+on its key, its prompt and the model only, never on which other rows share
+its batch (or its process, under data parallelism). :func:`generate_rollout`
+turns the decode loop's output into PPO's fixed-width tensors.
 """
 
 from __future__ import annotations
@@ -25,15 +27,12 @@ from typing import Sequence
 
 import torch
 
+from bonesoup.decode.batching import derive_seed, left_pad_prompts, position_ids_from_mask
+
 __all__ = [
     "check_special_tokens",
-    "left_pad_prompts",
-    "position_ids_from_mask",
-    "sample_uniforms",
-    "sample_from_uniform",
     "Rollout",
-    "generate",
-    "truncate_after_eos",
+    "generate_rollout",
     "logprobs_from_logits",
     "response_logits",
     "sample_rollouts",
@@ -58,77 +57,6 @@ def check_special_tokens(tokenizer) -> tuple[int, int]:
         raise ValueError(f"tokenizer.pad_token_id equals eos_token_id ({eos}); PPO needs a pad token distinct from "
                          "EOS, or a real EOS would be masked as padding")
     return int(pad), int(eos)
-
-
-def left_pad_prompts(tokenizer, prompts: Sequence[str], *, max_prompt_tokens: int | None = None,
-                     width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompts (no special tokens added) and pad them on the left.
-
-    Returns ``(input_ids, attention_mask)``, both (B, P) int64, P the longest
-    prompt or ``width`` if that is larger (every process of a data-parallel
-    run pads to the global width, so its batches look like the single
-    process's). ``max_prompt_tokens`` keeps the last tokens of longer prompts.
-    """
-    if isinstance(prompts, str) or not len(prompts):
-        raise ValueError(f"prompts must be a non-empty sequence of strings, got {prompts!r}")
-    pad, _ = check_special_tokens(tokenizer)
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if max_prompt_tokens is not None:
-        rows = [r[-max_prompt_tokens:] for r in rows]
-    for p, r in zip(prompts, rows):
-        if not r:
-            raise ValueError(f"prompt {p!r} tokenises to nothing; every prompt needs at least one token")
-    width = max(max(map(len, rows)), width or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens: ``cumsum(mask) - 1``, clamped at 0 on left pads. (B, L) int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def sample_uniforms(sample_seeds: Sequence[int], length: int, device=None) -> torch.Tensor:
-    """Row i: ``length`` uniforms in [0, 1) from a CPU generator seeded with ``sample_seeds[i]``. (B, length) fp32.
-
-    Drawn on the CPU so the numbers are the same on every device and process.
-    """
-    out = torch.empty((len(sample_seeds), length), dtype=torch.float32)
-    for i, s in enumerate(sample_seeds):
-        out[i] = torch.rand(length, generator=torch.Generator().manual_seed(int(s)))
-    return out.to(device) if device is not None else out
-
-
-def sample_from_uniform(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Draw one token per row from ``softmax(logits / temperature)`` by inverse CDF.
-
-    logits (B, V) any float dtype; u (B,) fp32 in [0, 1). Returns (B,) int64.
-    ``temperature == 0`` is greedy (lowest index on ties). A zero-probability
-    token is never returned (the first index whose CDF exceeds ``u * total``).
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    cdf = probs.cumsum(-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
-
-
-def truncate_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace everything after each row's first EOS by pad.
-
-    tokens (B, T) int64. Returns ``(tokens, mask)``: mask (B, T) int64 is 1 up
-    to and including the first EOS (all T when there is none).
-    """
-    is_eos = tokens == eos_id
-    # Number of EOS strictly before position t: > 0 means the response already ended.
-    ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    mask = (~ended_before).long()
-    return tokens.masked_fill(ended_before, pad_id), mask
 
 
 @dataclass
@@ -156,52 +84,29 @@ class Rollout:
         return ids, mask, position_ids_from_mask(mask)
 
 
-@torch.no_grad()
-def generate(model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float,
-             uniforms: torch.Tensor, eos_id: int, pad_id: int, autocast_dtype: torch.dtype | None = None) -> Rollout:
-    """Sample exactly ``max_new_tokens`` columns with the KV cache, then truncate after the first EOS.
+def generate_rollout(model, query: torch.Tensor, query_mask: torch.Tensor, *, seeds, max_new_tokens: int,
+                     temperature: float, eos_id: int, pad_id: int) -> Rollout:
+    """Sample one response per row with :func:`~bonesoup.decode.guided.guided_generate`, as a :class:`Rollout`.
 
     Parameters
     ----------
-    model : transformers causal LM (called with ``position_ids`` and ``past_key_values``).
-    query, query_mask : (B, P) int64, left-padded.
-    max_new_tokens : int, T.
+    model : causal LM, in eval mode (wrap the call in ``torch.autocast`` for bf16).
+    query, query_mask : (B, P) int64, left-padded prompts.
+    seeds : (B,) int64 tensor or B ints, one Philox key per row (:func:`~bonesoup.decode.batching.derive_seed`).
+    max_new_tokens : int, T; the response always has T columns (pad after EOS,
+        and after the last step when every row stopped early).
     temperature : float, > 0 to sample, 0 for greedy.
-    uniforms : (B, T) fp32, one uniform per row and step (see :func:`sample_uniforms`).
-    eos_id, pad_id : int, distinct.
-    autocast_dtype : torch.dtype or None, bf16 autocast on CUDA.
-
-    Generation stops early once every row has emitted EOS; the remaining
-    columns are pad, exactly as if they had been sampled and truncated.
+    eos_id, pad_id : int, distinct; EOS is the only stop token.
     """
-    B, device = query.shape[0], query.device
-    if uniforms.shape != (B, max_new_tokens):
-        raise ValueError(f"uniforms must have shape {(B, max_new_tokens)}, got {tuple(uniforms.shape)}")
-    mask = query_mask.clone()
-    pos = position_ids_from_mask(mask)
-    ac = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-          else torch.autocast(device.type, enabled=False))
-    with ac:
-        out = model(input_ids=query, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1] + 1
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    u = uniforms.to(device)
-    for t in range(max_new_tokens):
-        tok = sample_from_uniform(logits, u[:, t], temperature)
-        tok = tok.masked_fill(done, pad_id)
-        tokens[:, t] = tok
-        done |= tok == eos_id
-        if t + 1 == max_new_tokens or bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
-        with ac:
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-    response, response_mask = truncate_after_eos(tokens, eos_id, pad_id)
-    has_eos = (response == eos_id).any(1)
-    return Rollout(query, query_mask, response, response_mask, has_eos)
+    from bonesoup.decode.guided import guided_generate  # imports transformers: `import bonesoup` stays light
+
+    g = guided_generate(model, [], [1.0], query, query_mask, seed=seeds, temperature=temperature,
+                        max_new_tokens=max_new_tokens, stop_token_ids=[eos_id], pad_token_id=pad_id)
+    B, dev = g.new_tokens.shape[0], g.new_tokens.device
+    response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    response[:, :g.steps] = g.new_tokens
+    response_mask = (torch.arange(max_new_tokens, device=dev)[None, :] < g.lengths[:, None]).long()
+    return Rollout(query.to(dev), query_mask.to(dev), response, response_mask, g.finished)
 
 
 def response_logits(logits: torch.Tensor, prompt_width: int) -> torch.Tensor:
@@ -224,32 +129,35 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-                    seed: int = 0, batch_size: int = 64, device=None) -> list[Rollout]:
-    """Sample one response per prompt, in chunks of ``batch_size`` (one :class:`Rollout` each).
+                    seed: int = 0, batch_size: int = 64) -> list[Rollout]:
+    """Sample one response per prompt, in chunks of ``batch_size`` (one :class:`Rollout` each, on the model's device).
 
-    Per-sample seeded: response i depends on ``(seed, i)`` and the model only.
+    Per-sample seeded: response i draws with key ``derive_seed(seed, i)``, so
+    it depends on ``(seed, i)``, its prompt and the model only (not on
+    ``batch_size``).
     """
     pad, eos = check_special_tokens(tokenizer)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i:i + batch_size])
-        q, m = left_pad_prompts(tokenizer, chunk)
-        u = sample_uniforms([seed * 1_000_003 + i + j for j in range(len(chunk))], max_new_tokens)
-        out.append(generate(model, q.to(device), m.to(device), max_new_tokens=max_new_tokens,
-                            temperature=temperature, uniforms=u, eos_id=eos, pad_id=pad))
-    model.train(was_training)
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i:i + batch_size])
+            q, m = left_pad_prompts(tokenizer, chunk)
+            keys = [derive_seed(seed, i + j) for j in range(len(chunk))]
+            out.append(generate_rollout(model, q, m, seeds=keys, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, eos_id=eos, pad_id=pad))
+    finally:
+        model.train(was_training)
     return out
 
 
 def sample_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-                 seed: int = 0, batch_size: int = 64, device=None) -> tuple[list[str], torch.Tensor]:
+                 seed: int = 0, batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
     """:func:`sample_rollouts` decoded: the response texts (no prompt, no EOS) and ``has_eos`` (N,) bool."""
     _, eos = check_special_tokens(tokenizer)
     rollouts = sample_rollouts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               seed=seed, batch_size=batch_size, device=device)
+                               seed=seed, batch_size=batch_size)
     texts = [t for r in rollouts for t in decode_responses(tokenizer, r.response, r.response_mask, eos)]
     return texts, torch.cat([r.has_eos.cpu() for r in rollouts])
 

@@ -3,8 +3,8 @@
 One :meth:`PPOTrainer.step` is the numbered sequence of CleanRL's ``ppo.py``:
 
 1. choose the step's prompts (the same global batch on every process);
-2. roll out: sample T tokens per prompt with the KV cache (per-sample seeds),
-   truncate after the first EOS;
+2. roll out: sample up to T tokens per prompt with the one decode loop
+   (``guided_generate``: KV cache, fused sampler, one key per rollout), pad after the first EOS;
 3. score each (prompt, response) with the reward function; penalise missing EOS;
 4. gather the global batch on every process (data parallel);
 5. old log-probs, values and reference log-probs, in exactly the micro-batches
@@ -50,15 +50,9 @@ from .losses import (
     token_rewards,
     value_loss,
 )
-from .rollout import (
-    check_special_tokens,
-    decode_responses,
-    generate,
-    left_pad_prompts,
-    logprobs_from_logits,
-    response_logits,
-    sample_uniforms,
-)
+from bonesoup.decode.batching import derive_seed, left_pad_prompts, position_ids_from_mask
+
+from .rollout import check_special_tokens, decode_responses, generate_rollout, logprobs_from_logits, response_logits
 
 __all__ = ["PPOConfig", "PolicyAndValue", "PPOTrainer", "disable_dropout", "with_lora", "DistInfo", "init_distributed"]
 
@@ -298,16 +292,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    """Seed of rollout ``index`` of the global batch at ``step``: depends on nothing else."""
-    return ((seed * 1_000_003 + step) * 1_048_573 + index) % (2**63 - 1)
+# Streams of the CPU generators, keyed (seed, step, stream, i): four keys, so never a rollout's
+# Philox key derive_seed(seed, step, index), which has three.
+_PROMPTS, _SHUFFLE = 1, 2
 
 
 def _generator(*keys: int) -> torch.Generator:
-    s = 0
-    for k in keys:
-        s = (s * 1_000_003 + int(k)) % (2**63 - 1)
-    return torch.Generator().manual_seed(s)
+    """A CPU generator for prompt choice and minibatch shuffles, seeded by the one scheme (derive_seed)."""
+    return torch.Generator().manual_seed(derive_seed(*keys) & (2**63 - 1))
 
 
 class PPOTrainer:
@@ -439,7 +431,7 @@ class PPOTrainer:
         into ``grad_accum_steps`` micro-batches.
         """
         c, w, r = self.config, self.dist.world, self.dist.rank
-        perm = torch.randperm(c.batch_size, generator=_generator(c.seed, self.step_index, epoch, 7))
+        perm = torch.randperm(c.batch_size, generator=_generator(c.seed, self.step_index, _SHUFFLE, epoch))
         share, micro = c.mini_batch_size // w, c.mini_batch_size // (w * c.grad_accum_steps)
         out = []
         for k in range(c.batch_size // c.mini_batch_size):
@@ -457,7 +449,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
 
         # 1. Prompts: the same global batch on every process; this process samples rows [rank*local, +local).
-        idx = torch.randint(len(self.prompts), (B,), generator=_generator(c.seed, self.step_index, 3)).tolist()
+        pick = _generator(c.seed, self.step_index, _PROMPTS, 0)
+        idx = torch.randint(len(self.prompts), (B,), generator=pick).tolist()
         batch_prompts = [self.prompts[i] for i in idx]
         width = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in batch_prompts)
         if c.max_prompt_tokens is not None:
@@ -467,15 +460,19 @@ class PPOTrainer:
         query, query_mask = left_pad_prompts(self.tokenizer, my_prompts, max_prompt_tokens=c.max_prompt_tokens,
                                              width=width)
 
-        # 2. Roll out with the KV cache, per-sample seeded, in eval mode (dropout is off anyway; eval
-        #    keeps the cache usable under gradient checkpointing).
-        uniforms = sample_uniforms([_sample_seed(c.seed, self.step_index, i) for i in rows], T)
+        # 2. Roll out through the one decode loop, in eval mode (dropout is off anyway; eval keeps the
+        #    KV cache usable under gradient checkpointing). Rollout i of the global batch draws with the
+        #    key derive_seed(seed, step, i): its tokens depend on nothing else (not the batch, not the rank).
+        keys = torch.tensor([derive_seed(c.seed, self.step_index, i) for i in rows], dtype=torch.int64)
         policy = self.module.policy
         policy.eval()
         gb = c.generation_batch_size or local
-        parts = [generate(policy, query[i:i + gb].to(dev), query_mask[i:i + gb].to(dev), max_new_tokens=T,
-                          temperature=c.temperature, uniforms=uniforms[i:i + gb], eos_id=self.eos_id,
-                          pad_id=self.pad_id, autocast_dtype=self.autocast_dtype) for i in range(0, local, gb)]
+        parts = []
+        for i in range(0, local, gb):
+            with self._autocast():
+                parts.append(generate_rollout(policy, query[i:i + gb].to(dev), query_mask[i:i + gb].to(dev),
+                                              seeds=keys[i:i + gb], max_new_tokens=T, temperature=c.temperature,
+                                              eos_id=self.eos_id, pad_id=self.pad_id))
         response = torch.cat([p.response for p in parts]).cpu()
         response_mask = torch.cat([p.response_mask for p in parts]).cpu()
         has_eos = torch.cat([p.has_eos for p in parts]).cpu()
@@ -510,7 +507,7 @@ class PPOTrainer:
         P = query.shape[1]
         ids = torch.cat([query, response], 1)
         attn = torch.cat([query_mask, response_mask], 1)
-        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        pos = position_ids_from_mask(attn)
         mask = response_mask.float()
 
         # 5. Old log-probs / values / reference log-probs, in epoch 0's micro-batches: the first
