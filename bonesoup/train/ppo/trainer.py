@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -52,244 +51,12 @@ from .losses import (
 )
 from bonesoup.decode.batching import derive_seed, left_pad_prompts, position_ids_from_mask
 
+from .config import PPOConfig
+from .distributed import DistInfo, init_distributed
+from .policy import PolicyAndValue, disable_dropout, enable_checkpointing, is_peft_model, with_lora
 from .rollout import check_special_tokens, decode_responses, generate_rollout, logprobs_from_logits, response_logits
 
 __all__ = ["PPOConfig", "PolicyAndValue", "PPOTrainer", "disable_dropout", "with_lora", "DistInfo", "init_distributed"]
-
-
-@dataclass
-class PPOConfig:
-    """Hyper-parameters of :class:`PPOTrainer`. Batch sizes count rollouts over all processes."""
-
-    steps: int = 100
-    """PPO iterations (one rollout batch + its update each)."""
-    batch_size: int = 64
-    """Rollouts per step, over all processes."""
-    mini_batch_size: int = 16
-    """Rollouts per optimiser step, over all processes."""
-    grad_accum_steps: int = 1
-    """Micro-batches per minibatch on each process (micro-batch = mini_batch_size / (world * grad_accum_steps))."""
-    ppo_epochs: int = 4
-    """Passes over the rollout batch per step."""
-    generation_batch_size: int | None = None
-    """Rows per generate call on a process (None: the whole local batch at once)."""
-    max_new_tokens: int = 20
-    """Sampled response length T (responses end earlier at EOS)."""
-    max_prompt_tokens: int | None = None
-    """Keep only the last tokens of longer prompts (None: keep all)."""
-    temperature: float = 1.0
-    """Sampling temperature; the same one tempers the policy's and the reference's log-probs."""
-    lr: float = 1e-4
-    """AdamW learning rate (constant)."""
-    adam_eps: float = 1e-5
-    """AdamW epsilon."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm of each minibatch to this (inf: no clipping)."""
-    gamma: float = 1.0
-    """Discount in GAE."""
-    lam: float = 0.95
-    """GAE lambda."""
-    cliprange: float = 0.2
-    """Policy ratio clip epsilon."""
-    cliprange_value: float = 0.2
-    """Value clip epsilon (around the rollout's values)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    kl_coef: float = 0.05
-    """Initial (or fixed) coefficient of the per-token KL penalty."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimator: 'k1' (log-ratio) or 'k3' ((r - 1) - log r)."""
-    adaptive_kl: bool = False
-    """Steer kl_coef towards target_kl (Ziegler et al. 2019)."""
-    target_kl: float = 6.0
-    """Target sequence KL (nats) of the adaptive controller."""
-    kl_horizon: float = 10000.0
-    """Horizon of the adaptive controller (rollouts)."""
-    whiten_rewards: bool = False
-    """Rescale per-token rewards by their masked std (mean kept) before GAE."""
-    whiten_advantages: bool = True
-    """Masked whitening of the advantages (statistics over the whole batch)."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of a response without EOS within max_new_tokens."""
-    seed: int = 0
-    """Seeds prompt choice, per-sample sampling, minibatch shuffles and the value head."""
-    bf16: bool | None = None
-    """bf16 autocast for forward passes (None: on for CUDA, off on the CPU)."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in backward (None: on for CUDA)."""
-
-    def __post_init__(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in ("steps", "batch_size", "mini_batch_size", "grad_accum_steps", "ppo_epochs", "max_new_tokens"):
-            positive_int(name)
-        for name in ("generation_batch_size", "max_prompt_tokens"):
-            if getattr(self, name) is not None:
-                positive_int(name)
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
-                             f"({self.mini_batch_size})")
-        if self.mini_batch_size % self.grad_accum_steps:
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of grad_accum_steps "
-                             f"({self.grad_accum_steps})")
-        for name in ("temperature", "lr", "adam_eps", "max_grad_norm", "cliprange", "cliprange_value"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        for name in ("gamma", "lam"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        for name in ("vf_coef", "kl_coef"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.adaptive_kl:
-            AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)  # validates target and horizon
-        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
-            raise ValueError(f"missing_eos_penalty must be finite, got {self.missing_eos_penalty!r}")
-
-    def check_world(self, world: int) -> None:
-        """Refuse batch sizes that do not split over ``world`` processes."""
-        if self.batch_size % world:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of the world size ({world})")
-        if self.mini_batch_size % (world * self.grad_accum_steps):
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of world size x "
-                             f"grad_accum_steps ({world} x {self.grad_accum_steps})")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PPOConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown PPOConfig fields {unknown}")
-        return cls(**d)
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability in ``model`` to 0, in place (the saved config is left alone).
-
-    PPO's ratio compares two forward passes of the same weights; dropout
-    would make it differ from 1 by noise. Covers ``nn.Dropout`` modules and
-    float attributes named ``*dropout*`` that attention code reads directly.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        for name, v in list(vars(m).items()):
-            if "dropout" in name and isinstance(v, float):
-                setattr(m, name, 0.0)
-    return model
-
-
-class PolicyAndValue(nn.Module):
-    """A causal LM policy and a scalar value head.
-
-    The value head reads the last hidden state of the policy's own trunk
-    (``critic=None``, the default) or of a separate critic LM. One forward
-    returns both, so the rollout's old log-probs and values come from one pass.
-
-    Parameters
-    ----------
-    policy : transformers causal LM
-    critic : transformers causal LM or None
-        A separate trunk for the value (e.g. a copy of the SFT model).
-    """
-
-    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
-        hidden = (critic if critic is not None else policy).config.hidden_size
-        # Zero init: the first value estimates are 0, the first advantages the whitened rewards.
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) int64 each -> ``(logits (B, L, V), values (B, L) fp32)``."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=self.critic is None, use_cache=False)
-        if self.critic is None:
-            hidden = out.hidden_states[-1]
-        else:
-            hidden = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 output_hidden_states=True, use_cache=False).hidden_states[-1]
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return out.logits, values
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a data-parallel run (world 1: a single process)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device | None = None) -> DistInfo:
-    """Join the process group that ``torchrun`` describes (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
-
-    nccl for CUDA devices, gloo on CPUs. Without WORLD_SIZE (or with 1) it is
-    a single process and nothing is initialised.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return DistInfo(rank, world, local)
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    """A peft ``PeftModel`` (LoRA adapters that can be disabled); peft itself is not imported."""
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def with_lora(policy: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-              target_modules: Sequence[str] | str | None = None) -> nn.Module:
-    """Wrap a causal LM with trainable LoRA adapters (needs the optional ``peft`` package).
-
-    Only the adapters (and the value head) are trained; :class:`PPOTrainer`
-    then uses the same model with adapters disabled as the reference, so no
-    second copy of the weights is held. ``target_modules`` None: peft's
-    default for the architecture.
-    """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("LoRA needs the optional 'peft' package: pip install peft") from None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                     target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(policy, cfg)
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Activation (gradient) checkpointing, non-reentrant, under whichever name this transformers uses."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # Streams of the CPU generators, keyed (seed, step, stream, i): four keys, so never a rollout's
@@ -353,7 +120,7 @@ class PPOTrainer:
 
         # The reference is the policy as given (the SFT model), frozen: a copy made before anything
         # changes it or, for a peft (LoRA) policy, the same model with its adapters disabled (no copy).
-        self.lora = _is_peft_model(policy)
+        self.lora = is_peft_model(policy)
         if ref_model is not None:
             self.ref_model = ref_model
         elif self.lora:
@@ -367,7 +134,7 @@ class PPOTrainer:
             if m is not None:
                 disable_dropout(m)
                 if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
-                    _enable_checkpointing(m)
+                    enable_checkpointing(m)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.module = PolicyAndValue(policy, critic).to(self.device)
