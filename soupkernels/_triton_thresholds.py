@@ -88,12 +88,38 @@ def _walk(row, V, m, tau, log_minp, target, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_minp, z_row, u, NPIV: tl.constexpr,
-                            CAND_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    # The row's kept set lies inside its candidates (soupkernels.triton_sampling._plan): the
-    # thresholds by the pivot search over the candidates only (count <= CAP,
+def _draw_index(cand_row, cidx_row, count, V, m, tau, log_minp, target, NPIV: tl.constexpr,
+                CAND_BLOCK: tl.constexpr):
+    # The inverse CDF over the kept candidates in vocabulary order, without
+    # ordering them: the smallest index i whose kept mass over {index <= i}
+    # (fixed point, so exact in any order) exceeds target, by a multi-pivot
+    # search over the index range (NPIV pivots per pass: 5 passes for 128k).
+    # Invariant: G(hi) > target (G(V - 1) is the kept mass, above u * Z).
+    j = tl.arange(0, NPIV).to(tl.int64)
+    lo = (m * 0).to(tl.int64)
+    hi = lo + V - 1
+    while lo < hi:
+        piv = lo + ((j + 1) * (hi - lo)) // (NPIV + 1)  # in [lo, hi)
+        g = tl.zeros([NPIV], dtype=tl.int64)
+        for start in range(0, count, CAND_BLOCK):
+            slot = start + tl.arange(0, CAND_BLOCK)
+            s = tl.load(cand_row + slot, mask=slot < count, other=-float("inf"))
+            ix = tl.load(cidx_row + slot, mask=slot < count, other=0).to(tl.int64)
+            w = tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
+            g += tl.sum(tl.where(ix[:, None] <= piv[None, :], w[:, None], 0), 0)
+        above = g > target
+        hi = tl.minimum(hi, tl.min(tl.where(above, piv, hi), 0))
+        lo = tl.maximum(lo, tl.max(tl.where(above, lo, piv + 1), 0))
+    return lo
+
+
+@triton.jit
+def sample_from_candidates(cand_row, cidx_row, count, V, m, k_on, k, p_on, p, log_minp, z_row, u,
+                           NPIV: tl.constexpr, CAND_BLOCK: tl.constexpr):
+    # The row's kept set lies inside its candidates (soupkernels.triton_sampling._plan):
+    # the thresholds by the pivot search over the candidates only (count <= CAP,
     # not V), masses in fixed point (the list's order is arbitrary), then the
-    # walk over the row, which stops at the token's block.
+    # draw by index over the same list: no row data is read.
     key_min = (m * 0).to(tl.int64) + KEY_MIN
     key_max = _keys(m)
     tau = key_min
@@ -115,9 +141,19 @@ def sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_min
         idx = start + tl.arange(0, CAND_BLOCK)
         s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
         acc += tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
-    z = tl.sum(acc, 0).to(tl.float32) * (1.0 / 68719476736.0)
-    tok = _walk(row, V, m, tau, log_minp, u * z, BLOCK)
-    return tok, (tl.load(row + tok) - m) - tl.log(z)
+    zfix = tl.sum(acc, 0)
+    # u * Z in fp64 (Z < 2^48): floor(u * Z) < Z, so a kept token is always drawn.
+    target = (u.to(tl.float64) * zfix.to(tl.float64)).to(tl.int64)
+    tok = _draw_index(cand_row, cidx_row, count, V, m, tau, log_minp, target, NPIV, CAND_BLOCK)
+    # The token's s from the list (each index appears once), for its log-prob.
+    st = tl.full([CAND_BLOCK], -float("inf"), dtype=tl.float32)
+    for start in range(0, count, CAND_BLOCK):
+        idx = start + tl.arange(0, CAND_BLOCK)
+        s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
+        ix = tl.load(cidx_row + idx, mask=idx < count, other=-1)
+        st = tl.maximum(st, tl.where(ix == tok, s, -float("inf")))
+    z = zfix.to(tl.float32) * (1.0 / 68719476736.0)
+    return tok, (tl.max(st, 0) - m) - tl.log(z)
 
 
 @triton.jit

@@ -91,6 +91,7 @@ def _combine_kernel(
     part_z,  # fp32 [B, NCH]         sum of exp(s - chunk max) (used when HIST)
     cand_count,  # int32 [B]         zeroed here for _collect_kernel (when HIST)
     near,  # fp32 [B, NCH, LCAP]     s of the chunk's tokens with d <= NEAR_D (when HIST)
+    near_idx,  # int32 [B, NCH, LCAP]  their vocabulary indices
     near_count,  # int32 [B, NCH]    how many there are (may exceed LCAP: then the list is unusable)
     V,
     NCH,
@@ -157,6 +158,7 @@ def _combine_kernel(
             near_sel = mask & (d <= NEAR_D)
             pos = nn + tl.cumsum(near_sel.to(tl.int32), 0) - 1
             tl.store(near + (b * NCH + ch) * LCAP + pos, sv, mask=near_sel & (pos < LCAP))
+            tl.store(near_idx + (b * NCH + ch) * LCAP + pos, idx.to(tl.int32), mask=near_sel & (pos < LCAP))
             nn += tl.sum(near_sel.to(tl.int32), 0)
         tl.store(near_count + b * NCH + ch, nn)
         tl.store(hist + (b * NCH + ch) * NB + tl.arange(0, NB), h)
@@ -223,13 +225,14 @@ def _row_state(part_max, part_bad, b, NCH, NCH_P2: tl.constexpr):
 
 
 @triton.jit
-def _append(cand_row, count_ptr, sv, sel, CAP: tl.constexpr):
-    # Appends sv[sel] to the row's list: one atomic per block for the slots.
+def _append(cand_row, cidx_row, count_ptr, sv, ix, sel, CAP: tl.constexpr):
+    # Appends (sv, ix)[sel] to the row's list: one atomic per block for the slots.
     n = tl.sum(sel.to(tl.int32), 0)
     if n > 0:
         base = tl.atomic_add(count_ptr, n)
         pos = base + tl.cumsum(sel.to(tl.int32), 0) - 1
         tl.store(cand_row + pos, sv, mask=sel & (pos < CAP))
+        tl.store(cidx_row + pos, ix, mask=sel & (pos < CAP))
 
 
 @triton.jit
@@ -242,9 +245,11 @@ def _collect_kernel(
     top_k,
     top_p,
     cand,  # fp32 [B, CAP] out: s of the tokens above the cut, in no particular order
+    cand_idx,  # int32 [B, CAP] out: their vocabulary indices
     cand_count,  # int32 [B] out (zeroed by _combine_kernel)
     part_z,  # fp32 [B, NCH]
-    near,  # fp32 [B, NCH, LCAP] and int32 [B, NCH], from _combine_kernel
+    near,  # fp32 [B, NCH, LCAP], int32 [B, NCH, LCAP] and int32 [B, NCH], from _combine_kernel
+    near_idx,
     near_count,
     V,
     NCH,
@@ -275,13 +280,15 @@ def _collect_kernel(
             if (thr - (m - tl.load(part_max + b * NCH + ch)) <= NEAR_D - BIN_W) & (nn <= LCAP):
                 slot = tl.arange(0, LCAP)
                 sv = tl.load(near + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=-float("inf"))
-                _append(cand + b * CAP, cand_count + b, sv, (slot < nn) & (sv >= cut), CAP)
+                ix = tl.load(near_idx + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=0)
+                _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, ix, (slot < nn) & (sv >= cut), CAP)
             else:
                 for blk in range(0, CHUNK, BLOCK):
                     idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
                     mask = idx < V
                     sv = tl.load(s_ptr + b * V + idx, mask=mask, other=-float("inf"))
-                    _append(cand + b * CAP, cand_count + b, sv, mask & (sv >= cut), CAP)
+                    _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, idx.to(tl.int32), mask & (sv >= cut),
+                            CAP)
 
 
 @triton.jit
@@ -291,7 +298,8 @@ def _sample_kernel(
     part_arg,
     part_bad,
     hist,  # int32 [B, NCH, NB]
-    cand,  # fp32 [B, CAP] and its count [B], from _collect_kernel
+    cand,  # fp32 [B, CAP], int32 [B, CAP] and int32 [B], from _collect_kernel
+    cand_idx,
     cand_count,
     part_z,  # fp32 [B, NCH]
     temperature,  # fp32 [B]
@@ -339,8 +347,8 @@ def _sample_kernel(
                                      p_on, p, NB, BIN_W, CAP)
         count = tl.load(cand_count + b)
         if collect & (count <= CAP):
-            tok, lp = sample_from_candidates(cand + b * CAP, count, row, V, m, k_on, k, p_on, p, log_minp, z, u,
-                                              NPIV, CAND_BLOCK, BLOCK)
+            tok, lp = sample_from_candidates(cand + b * CAP, cand_idx + b * CAP, count, V, m, k_on, k, p_on, p,
+                                              log_minp, z, u, NPIV, CAND_BLOCK)
         else:
             tok, lp = sample_by_passes(row, V, m, k_on, k, p_on, p, log_minp, u, BLOCK, NPIV, SEARCH_BLOCK)
         tl.store(tokens + b, tok)
@@ -370,13 +378,14 @@ def _combine(xs, coeffs, temperature, s_out, scale: bool):
     part_z = torch.empty((B, nch) if scale else (1,), dtype=torch.float32, device=dev)
     cand_count = torch.empty((B,) if scale else (1,), dtype=torch.int32, device=dev)
     near = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.float32, device=dev)
+    near_idx = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.int32, device=dev)
     near_count = torch.empty((B, nch) if scale else (1,), dtype=torch.int32, device=dev)
     _combine_kernel[(B, nch)](
         addrs, strides, c, temperature if scale else c, s_out, part_max, part_arg, part_bad, hist, part_z,
-        cand_count, near, near_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
+        cand_count, near, near_idx, near_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
         CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
-    return part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch
+    return part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_idx, near_count, nch
 
 
 def guided_logits_triton(xs, coeffs, out) -> None:
@@ -391,16 +400,18 @@ def _combine_and_collect(xs, coeffs, temperature, top_k, top_p) -> dict:
     dev = xs[0].device
     sz = _sizes(dev)
     s = torch.empty((B, V), dtype=torch.float32, device=dev)
-    part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_count, nch = _combine(
+    part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_idx, near_count, nch = _combine(
         xs, coeffs, temperature, s, scale=True)
     cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
+    cand_idx = torch.empty((B, sz["CAP"]), dtype=torch.int32, device=dev)
     _collect_kernel[(B, nch)](
-        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_count, part_z, near, near_count, V, nch,
+        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_idx, cand_count, part_z, near, near_idx,
+        near_count, V, nch,
         NCH_P2=triton.next_power_of_2(nch), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"],
         NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
     return dict(s=s, part_max=part_max, part_arg=part_arg, part_bad=part_bad, hist=hist, part_z=part_z,
-                cand=cand, cand_count=cand_count, near_count=near_count, nch=nch)
+                cand=cand, cand_idx=cand_idx, cand_count=cand_count, near_count=near_count, nch=nch)
 
 
 def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:
@@ -411,8 +422,8 @@ def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, off
     with device_ctx(dev):
         st = _combine_and_collect(xs, coeffs, temperature, top_k, top_p)
         _sample_kernel[(B,)](
-            st["s"], st["part_max"], st["part_arg"], st["part_bad"], st["hist"], st["cand"], st["cand_count"],
-            st["part_z"], temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, V, st["nch"],
+            st["s"], st["part_max"], st["part_arg"], st["part_bad"], st["hist"], st["cand"], st["cand_idx"],
+            st["cand_count"], st["part_z"], temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, V, st["nch"],
             NCH_P2=triton.next_power_of_2(st["nch"]), BLOCK=sz["BLOCK"], NPIV=NPIV, SEARCH_BLOCK=sz["SEARCH_BLOCK"],
             CAND_BLOCK=sz["CAND_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
         )
