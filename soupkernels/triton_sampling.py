@@ -56,6 +56,9 @@ CAP = 2048  # candidates per row (a row with more near its cut takes the row pas
 # those lists instead of the scratch whenever the cut-off lies inside them.
 NEAR_D = 4.0
 LCAP = 256
+# The sampling combine holds its whole chunk in registers: 16 warps keep that
+# at 16 floats a thread (8 warps: 198 registers, one CTA per SM either way).
+COMBINE_WARPS = 16
 CAND_BLOCK = 128  # elements per step of a pivot pass over the candidates (256 spills on sm_90)
 # Under TRITON_INTERPRET=1 each tensor op costs a numpy call, so the same
 # kernels run with larger blocks there (same code, other constexpr sizes; the
@@ -71,10 +74,41 @@ def _sizes(dev: torch.device) -> dict:
 @triton.jit
 def _load_input(addrs, strides, j, b, idx, mask, CODE: tl.constexpr):
     p = as_ptr(tl.load(addrs + j), CODE, False)  # rows may be strided: no alignment hint
-    # Inputs are read once: let them leave L2 first, so the scratch row the
-    # later kernels re-read stays there (32.8 MB at B = 64, V = 128k).
+    # Inputs are read once per pass: let them leave L2 first, so what the
+    # later kernels re-read (histograms, lists, fallback scratch rows) stays.
     return tl.load(p + b * tl.load(strides + j) + idx, mask=mask, other=0.0,
                    eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
+def _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32: tl.constexpr, N_BF16: tl.constexpr,
+            N_F16: tl.constexpr):
+    # s = (sum_m c[b, m] x_m[b, idx]) / t, the one formula every kernel that
+    # needs s computes it with (the same fp32 operations in the same order, so
+    # a recomputed s is bit-identical to the combine pass's).
+    M: tl.constexpr = N_F32 + N_BF16 + N_F16
+    acc = tl.zeros(idx.shape, dtype=tl.float32)
+    for j in tl.static_range(N_F32):
+        acc += tl.load(coeffs + b * M + j) * _load_input(in_addrs, strides, j, b, idx, mask, 0)
+    for j in tl.static_range(N_BF16):
+        k = N_F32 + j
+        acc += tl.load(coeffs + b * M + k) * _load_input(in_addrs, strides, k, b, idx, mask, 1)
+    for j in tl.static_range(N_F16):
+        k = N_F32 + N_BF16 + j
+        acc += tl.load(coeffs + b * M + k) * _load_input(in_addrs, strides, k, b, idx, mask, 2)
+    return acc / t + 0.0  # + 0.0 turns -0.0 into +0.0: the integer keys then order like floats
+
+
+@triton.jit
+def _write_scaled(in_addrs, strides, coeffs, temperature, s_out, b, lo, hi, V, N_F32: tl.constexpr,
+                  N_BF16: tl.constexpr, N_F16: tl.constexpr, BLOCK: tl.constexpr):
+    # The scratch row s[b, lo:hi] from the inputs, for the rows that take the row passes.
+    t = tl.load(temperature + b)
+    for start in range(lo, hi, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = (idx < hi) & (idx < V)
+        tl.store(s_out + b * V + idx, _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32, N_BF16, N_F16),
+                 mask=mask)
 
 
 @triton.jit
@@ -83,7 +117,9 @@ def _combine_kernel(
     strides,  # int64 [M]    row stride of each input, elements
     coeffs,  # fp32 [B, M]   per-row coefficients in the grouped order
     temperature,  # fp32 [B] (used when SCALE)
-    s_out,  # fp32 [B, V]    scaled combined logits
+    top_k,  # int64 [B], fp32 [B] (used when HIST: which rows need their scratch row)
+    top_p,
+    s_out,  # fp32 [B, V]    scaled combined logits (when HIST: only the rows without top-k / top-p)
     part_max,  # fp32 [B, NCH]
     part_arg,  # int64 [B, NCH]  first index of the chunk max
     part_bad,  # int32 [B, NCH]  NaN / +inf count
@@ -109,62 +145,61 @@ def _combine_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1).to(tl.int64)
-    M: tl.constexpr = N_F32 + N_BF16 + N_F16
     t = 1.0
     if SCALE:
-        t = tl.load(temperature + b)
-        t = tl.where(t == 0.0, 1.0, t)  # greedy rows: argmax of the unscaled logits
-    mx = -float("inf")
-    arg = V.to(tl.int64) * 0 + V
-    bad = 0
-    for blk in range(0, CHUNK, BLOCK):
-        idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
-        mask = idx < V
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(N_F32):
-            acc += tl.load(coeffs + b * M + j) * _load_input(in_addrs, strides, j, b, idx, mask, 0)
-        for j in tl.static_range(N_BF16):
-            k = N_F32 + j
-            acc += tl.load(coeffs + b * M + k) * _load_input(in_addrs, strides, k, b, idx, mask, 1)
-        for j in tl.static_range(N_F16):
-            k = N_F32 + N_BF16 + j
-            acc += tl.load(coeffs + b * M + k) * _load_input(in_addrs, strides, k, b, idx, mask, 2)
-        acc = acc / t + 0.0  # + 0.0 turns -0.0 into +0.0: the integer keys then order like floats
-        tl.store(s_out + b * V + idx, acc, mask=mask, eviction_policy="evict_last")
-        am = tl.where(mask, acc, -float("inf"))
-        bm = tl.max(am, 0)
-        barg = tl.min(tl.where(am == bm, idx, V), 0)
-        bad += tl.sum((((acc != acc) | (acc == float("inf"))) & mask).to(tl.int32), 0)
-        arg = tl.where(bm > mx, barg, arg)
-        mx = tl.maximum(mx, bm)
-    tl.store(part_max + b * NCH + ch, mx)
-    tl.store(part_arg + b * NCH + ch, arg)
-    tl.store(part_bad + b * NCH + ch, bad)
+        t0 = tl.load(temperature + b)
+        t = tl.where(t0 == 0.0, 1.0, t0)  # greedy rows: argmax of the unscaled logits
     if HIST:
-        # Bins relative to the chunk max, so a second look at the chunk (hot
-        # in L1/L2: this program just wrote it) after the max is known.
-        tl.debug_barrier()
-        h = tl.zeros([NB], dtype=tl.int32)
-        zc = tl.zeros([BLOCK], dtype=tl.float32)
-        nn = 0
+        # Sampling: the whole chunk at once, in registers (16 floats a thread
+        # at 16 warps), so the histogram relative to the chunk max needs no
+        # second read. Only rows without top-k / top-p (temperature / min-p:
+        # the row passes) get their scratch row here; rows whose plan fails
+        # get it from _collect_kernel, the common case none.
+        k = tl.load(top_k + b)
+        filtered = ((k > 0) & (k < V)) | (tl.load(top_p + b) < 1.0)
+        rows_pass = (t0 != 0.0) & (filtered == 0)
+        # int32 indices (V < 2^31): int64 ones would take another 32 registers a thread.
+        idx = (ch * CHUNK).to(tl.int32) + tl.arange(0, CHUNK)
+        v32 = V.to(tl.int32)
+        mask = idx < v32
+        sv = _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32, N_BF16, N_F16)
+        tl.store(s_out + b * V + idx, sv, mask=idx < tl.where(rows_pass, v32, 0))
+        am = tl.where(mask, sv, -float("inf"))
+        mx = tl.max(am, 0)
+        arg = tl.where(mx > -float("inf"), tl.min(tl.where(am == mx, idx, v32), 0), v32).to(tl.int64)
+        bad = tl.sum((((sv != sv) | (sv == float("inf"))) & mask).to(tl.int32), 0)
+        d = mx - sv
+        d = tl.where(d == d, d, float("inf"))  # -inf chunks and NaN rows: the last bin
+        h = tl.histogram(tl.minimum(d * (1.0 / BIN_W), NB - 1.0).to(tl.int32), NB, mask=mask)
+        zc = tl.sum(tl.where(mask & (d < float("inf")), tl.exp(-d), 0.0), 0)
+        near_sel = mask & (d <= NEAR_D)
+        pos = tl.cumsum(near_sel.to(tl.int32), 0) - 1
+        keep = near_sel & (pos < LCAP)
+        tl.store(near + (b * NCH + ch) * LCAP + pos, sv, mask=keep)
+        tl.store(near_idx + (b * NCH + ch) * LCAP + pos, idx, mask=keep)
+        tl.store(near_count + b * NCH + ch, tl.sum(near_sel.to(tl.int32), 0))
+        tl.store(hist + (b * NCH + ch) * NB + tl.arange(0, NB), h)
+        tl.store(part_z + b * NCH + ch, zc)
+        if ch == 0:
+            tl.store(cand_count + b, 0)
+    else:
+        mx = -float("inf")
+        arg = V.to(tl.int64) * 0 + V
+        bad = 0
         for blk in range(0, CHUNK, BLOCK):
             idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
             mask = idx < V
-            sv = tl.load(s_out + b * V + idx, mask=mask, other=0.0)
-            d = mx - sv
-            d = tl.where(d == d, d, float("inf"))  # -inf chunks and NaN rows: the last bin
-            h += tl.histogram(tl.minimum(d * (1.0 / BIN_W), NB - 1.0).to(tl.int32), NB, mask=mask)
-            zc += tl.where(mask & (d < float("inf")), tl.exp(-d), 0.0)
-            near_sel = mask & (d <= NEAR_D)
-            pos = nn + tl.cumsum(near_sel.to(tl.int32), 0) - 1
-            tl.store(near + (b * NCH + ch) * LCAP + pos, sv, mask=near_sel & (pos < LCAP))
-            tl.store(near_idx + (b * NCH + ch) * LCAP + pos, idx.to(tl.int32), mask=near_sel & (pos < LCAP))
-            nn += tl.sum(near_sel.to(tl.int32), 0)
-        tl.store(near_count + b * NCH + ch, nn)
-        tl.store(hist + (b * NCH + ch) * NB + tl.arange(0, NB), h)
-        tl.store(part_z + b * NCH + ch, tl.sum(zc, 0))
-        if ch == 0:
-            tl.store(cand_count + b, 0)
+            acc = _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32, N_BF16, N_F16)
+            tl.store(s_out + b * V + idx, acc, mask=mask)
+            am = tl.where(mask, acc, -float("inf"))
+            bm = tl.max(am, 0)
+            barg = tl.min(tl.where(am == bm, idx, V), 0)
+            bad += tl.sum((((acc != acc) | (acc == float("inf"))) & mask).to(tl.int32), 0)
+            arg = tl.where(bm > mx, barg, arg)
+            mx = tl.maximum(mx, bm)
+    tl.store(part_max + b * NCH + ch, mx)
+    tl.store(part_arg + b * NCH + ch, arg)
+    tl.store(part_bad + b * NCH + ch, bad)
 
 
 @triton.jit
@@ -237,7 +272,10 @@ def _append(cand_row, cidx_row, count_ptr, sv, ix, sel, CAP: tl.constexpr):
 
 @triton.jit
 def _collect_kernel(
-    s_ptr,  # fp32 [B, V] from _combine_kernel
+    in_addrs,  # int64 [M], int64 [M], fp32 [B, M]: the inputs, as for _combine_kernel
+    strides,
+    coeffs,
+    s_out,  # fp32 [B, V] out: the scratch rows of the rows whose plan fails (only those)
     part_max,
     part_bad,
     hist,  # int32 [B, NCH, NB]
@@ -253,6 +291,9 @@ def _collect_kernel(
     near_count,
     V,
     NCH,
+    N_F32: tl.constexpr,
+    N_BF16: tl.constexpr,
+    N_F16: tl.constexpr,
     NCH_P2: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -269,31 +310,44 @@ def _collect_kernel(
     p = tl.load(top_p + b)
     k_on = (k > 0) & (k < V)
     p_on = p < 1.0
-    if (nbad == 0) & (m > -float("inf")) & (tl.load(temperature + b) != 0.0) & (k_on | p_on):
+    t = tl.load(temperature + b)
+    sampled = (nbad == 0) & (m > -float("inf")) & (t != 0.0)  # neither invalid nor greedy
+    collect = m != m  # False, as a tensor for the ifs below
+    thr = m * 0.0
+    if sampled & (k_on | p_on):
         collect, thr, _z = _plan(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k, p_on,
                                  p, NB, BIN_W, CAP)
-        if collect:
-            cut = m - thr
-            nn = tl.load(near_count + b * NCH + ch)
-            # A token above the cut has d = chunk max - s <= thr - (m - chunk max);
-            # within NEAR_D (less a bin for rounding) it is in the chunk's list.
-            if (thr - (m - tl.load(part_max + b * NCH + ch)) <= NEAR_D - BIN_W) & (nn <= LCAP):
-                slot = tl.arange(0, LCAP)
-                sv = tl.load(near + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=-float("inf"))
-                ix = tl.load(near_idx + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=0)
-                _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, ix, (slot < nn) & (sv >= cut), CAP)
-            else:
-                for blk in range(0, CHUNK, BLOCK):
-                    idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
-                    mask = idx < V
-                    sv = tl.load(s_ptr + b * V + idx, mask=mask, other=-float("inf"))
-                    _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, idx.to(tl.int32), mask & (sv >= cut),
-                            CAP)
+    if collect:
+        cut = m - thr
+        nn = tl.load(near_count + b * NCH + ch)
+        # A token above the cut has d = chunk max - s <= thr - (m - chunk max);
+        # within NEAR_D (less a bin for rounding) it is in the chunk's list.
+        if (thr - (m - tl.load(part_max + b * NCH + ch)) <= NEAR_D - BIN_W) & (nn <= LCAP):
+            slot = tl.arange(0, LCAP)
+            sv = tl.load(near + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=-float("inf"))
+            ix = tl.load(near_idx + (b * NCH + ch) * LCAP + slot, mask=slot < nn, other=0)
+            _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, ix, (slot < nn) & (sv >= cut), CAP)
+        else:
+            # The cut lies below the list: s again from the inputs (no scratch was written).
+            for blk in range(0, CHUNK, BLOCK):
+                idx = ch * CHUNK + blk + tl.arange(0, BLOCK)
+                mask = idx < V
+                sv = _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32, N_BF16, N_F16)
+                _append(cand + b * CAP, cand_idx + b * CAP, cand_count + b, sv, idx.to(tl.int32),
+                        mask & (sv >= cut), CAP)
+    elif sampled & (k_on | p_on):
+        # A plan that does not fit: the row passes will read this row, so its
+        # scratch is written here, chunk-parallel, from the inputs.
+        _write_scaled(in_addrs, strides, coeffs, temperature, s_out, b, ch * CHUNK, ch * CHUNK + CHUNK, V, N_F32,
+                      N_BF16, N_F16, BLOCK)
 
 
 @triton.jit
 def _sample_kernel(
-    s_ptr,  # fp32 [B, V] from _combine_kernel
+    in_addrs,  # int64 [M], int64 [M], fp32 [B, M]: the inputs, as for _combine_kernel
+    strides,
+    coeffs,
+    s_ptr,  # fp32 [B, V]: scratch rows, from _collect_kernel for the rows that take the row passes
     part_max,
     part_arg,
     part_bad,
@@ -312,6 +366,9 @@ def _sample_kernel(
     logprobs,  # fp32 [B] out
     V,
     NCH,
+    N_F32: tl.constexpr,
+    N_BF16: tl.constexpr,
+    N_F16: tl.constexpr,
     NCH_P2: tl.constexpr,
     BLOCK: tl.constexpr,
     NPIV: tl.constexpr,
@@ -350,6 +407,13 @@ def _sample_kernel(
             tok, lp = sample_from_candidates(cand + b * CAP, cand_idx + b * CAP, count, V, m, k_on, k, p_on, p,
                                               log_minp, z, u, NPIV, CAND_BLOCK)
         else:
+            if collect:
+                # The plan held but the list overflowed (float rounding at a bin
+                # edge; not seen in the tests): _collect_kernel wrote no
+                # scratch for this row, so this program writes it.
+                _write_scaled(in_addrs, strides, coeffs, temperature, s_ptr, b, 0, V, V, N_F32, N_BF16, N_F16,
+                              BLOCK)
+                tl.debug_barrier()  # the whole block's stores, visible to the passes
             tok, lp = sample_by_passes(row, V, m, k_on, k, p_on, p, log_minp, u, BLOCK, NPIV, SEARCH_BLOCK)
         tl.store(tokens + b, tok)
         tl.store(logprobs + b, lp)
@@ -364,28 +428,29 @@ def _table(xs, coeffs):
     return table[0], table[1], counts, coeffs[:, order].contiguous()
 
 
-def _combine(xs, coeffs, temperature, s_out, scale: bool):
-    """Launches _combine_kernel; with ``scale`` (sampling) also the histograms. Returns the partials."""
+def _combine(xs, coeffs, temperature, s_out, scale: bool, top_k=None, top_p=None) -> dict:
+    """Launches _combine_kernel; with ``scale`` (sampling) the histograms and near-top lists instead of
+    ``s_out``. Returns the input table and the partials."""
     B, V = xs[0].shape
     dev = xs[0].device
     sz = _sizes(dev)
     addrs, strides, counts, c = _table(xs, coeffs)
     nch = triton.cdiv(V, sz["CHUNK"])
-    part_max = torch.empty((B, nch), dtype=torch.float32, device=dev)
-    part_arg = torch.empty((B, nch), dtype=torch.int64, device=dev)
-    part_bad = torch.empty((B, nch), dtype=torch.int32, device=dev)
-    hist = torch.empty((B, nch, NB) if scale else (1,), dtype=torch.int32, device=dev)
-    part_z = torch.empty((B, nch) if scale else (1,), dtype=torch.float32, device=dev)
-    cand_count = torch.empty((B,) if scale else (1,), dtype=torch.int32, device=dev)
-    near = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.float32, device=dev)
-    near_idx = torch.empty((B, nch, LCAP) if scale else (1,), dtype=torch.int32, device=dev)
-    near_count = torch.empty((B, nch) if scale else (1,), dtype=torch.int32, device=dev)
+    per_chunk = lambda *shape, dtype: torch.empty(shape if scale else (1,), dtype=dtype, device=dev)  # noqa: E731
+    st = dict(addrs=addrs, strides=strides, counts=counts, coeffs=c, nch=nch,
+              part_max=torch.empty((B, nch), dtype=torch.float32, device=dev),
+              part_arg=torch.empty((B, nch), dtype=torch.int64, device=dev),
+              part_bad=torch.empty((B, nch), dtype=torch.int32, device=dev),
+              hist=per_chunk(B, nch, NB, dtype=torch.int32), part_z=per_chunk(B, nch, dtype=torch.float32),
+              cand_count=per_chunk(B, dtype=torch.int32), near=per_chunk(B, nch, LCAP, dtype=torch.float32),
+              near_idx=per_chunk(B, nch, LCAP, dtype=torch.int32), near_count=per_chunk(B, nch, dtype=torch.int32))
     _combine_kernel[(B, nch)](
-        addrs, strides, c, temperature if scale else c, s_out, part_max, part_arg, part_bad, hist, part_z,
-        cand_count, near, near_idx, near_count, V, nch, N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale,
-        CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
+        addrs, strides, c, temperature if scale else c, top_k if scale else c, top_p if scale else c, s_out, st["part_max"], st["part_arg"], st["part_bad"],
+        st["hist"], st["part_z"], st["cand_count"], st["near"], st["near_idx"], st["near_count"], V, nch,
+        N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale, CHUNK=sz["CHUNK"],
+        BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=COMBINE_WARPS if scale else 4,
     )
-    return part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_idx, near_count, nch
+    return st
 
 
 def guided_logits_triton(xs, coeffs, out) -> None:
@@ -394,36 +459,48 @@ def guided_logits_triton(xs, coeffs, out) -> None:
         _combine(xs, coeffs, None, out, scale=False)
 
 
+def _scratch_rows(B: int, V: int, dev: torch.device) -> torch.Tensor:
+    """fp32 [B, V], uninitialised: the kernels write only the rows the row passes read (tests poison it)."""
+    return torch.empty((B, V), dtype=torch.float32, device=dev)
+
+
 def _combine_and_collect(xs, coeffs, temperature, top_k, top_p) -> dict:
-    """The first two launches: scratch, partials, histograms and candidate lists (tests read them too)."""
+    """The first two launches: partials, histograms, candidate lists, and the scratch rows of the rows
+    that take the row passes (tests read them too)."""
     B, V = xs[0].shape
     dev = xs[0].device
     sz = _sizes(dev)
-    s = torch.empty((B, V), dtype=torch.float32, device=dev)
-    part_max, part_arg, part_bad, hist, part_z, cand_count, near, near_idx, near_count, nch = _combine(
-        xs, coeffs, temperature, s, scale=True)
-    cand = torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev)
-    cand_idx = torch.empty((B, sz["CAP"]), dtype=torch.int32, device=dev)
-    _collect_kernel[(B, nch)](
-        s, part_max, part_bad, hist, temperature, top_k, top_p, cand, cand_idx, cand_count, part_z, near, near_idx,
-        near_count, V, nch,
-        NCH_P2=triton.next_power_of_2(nch), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"],
-        NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
+    s = _scratch_rows(B, V, dev)
+    st = _combine(xs, coeffs, temperature, s, scale=True, top_k=top_k, top_p=top_p)
+    st.update(s=s, cand=torch.empty((B, sz["CAP"]), dtype=torch.float32, device=dev),
+              cand_idx=torch.empty((B, sz["CAP"]), dtype=torch.int32, device=dev))
+    n = st["counts"]
+    _collect_kernel[(B, st["nch"])](
+        st["addrs"], st["strides"], st["coeffs"], s, st["part_max"], st["part_bad"], st["hist"], temperature, top_k,
+        top_p, st["cand"], st["cand_idx"], st["cand_count"], st["part_z"], st["near"], st["near_idx"],
+        st["near_count"], V, st["nch"], N_F32=n[0], N_BF16=n[1], N_F16=n[2],
+        NCH_P2=triton.next_power_of_2(st["nch"]), CHUNK=sz["CHUNK"], BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W,
+        CAP=sz["CAP"], NEAR_D=NEAR_D, LCAP=LCAP, num_warps=4,
     )
-    return dict(s=s, part_max=part_max, part_arg=part_arg, part_bad=part_bad, hist=hist, part_z=part_z,
-                cand=cand, cand_idx=cand_idx, cand_count=cand_count, near_count=near_count, nch=nch)
+    return st
+
+
+def _sample(st, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:
+    """The third launch, on _combine_and_collect's state."""
+    B, V = st["s"].shape
+    sz = _sizes(st["s"].device)
+    n = st["counts"]
+    _sample_kernel[(B,)](
+        st["addrs"], st["strides"], st["coeffs"], st["s"], st["part_max"], st["part_arg"], st["part_bad"],
+        st["hist"], st["cand"], st["cand_idx"], st["cand_count"], st["part_z"], temperature, top_k, top_p, min_p,
+        seed, offset, tokens, logprobs, V, st["nch"], N_F32=n[0], N_BF16=n[1], N_F16=n[2],
+        NCH_P2=triton.next_power_of_2(st["nch"]), BLOCK=sz["BLOCK"], NPIV=NPIV, SEARCH_BLOCK=sz["SEARCH_BLOCK"],
+        CAND_BLOCK=sz["CAND_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
+    )
 
 
 def guided_sample_triton(xs, coeffs, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs) -> None:
     """Fills tokens [B] int64 and logprobs [B] fp32 (validated by soupkernels.sampling)."""
-    B, V = xs[0].shape
-    dev = xs[0].device
-    sz = _sizes(dev)
-    with device_ctx(dev):
+    with device_ctx(xs[0].device):
         st = _combine_and_collect(xs, coeffs, temperature, top_k, top_p)
-        _sample_kernel[(B,)](
-            st["s"], st["part_max"], st["part_arg"], st["part_bad"], st["hist"], st["cand"], st["cand_idx"],
-            st["cand_count"], st["part_z"], temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, V, st["nch"],
-            NCH_P2=triton.next_power_of_2(st["nch"]), BLOCK=sz["BLOCK"], NPIV=NPIV, SEARCH_BLOCK=sz["SEARCH_BLOCK"],
-            CAND_BLOCK=sz["CAND_BLOCK"], NB=NB, BIN_W=BIN_W, CAP=sz["CAP"], num_warps=4,
-        )
+        _sample(st, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs)

@@ -35,6 +35,18 @@ KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_triton_scratch(monkeypatch):
+    """The Triton sampler writes its fp32 scratch only for the rows that take the row passes: NaN-filled
+    here, a row that read an unwritten scratch row would give token -1 or a wrong token."""
+    try:
+        from soupkernels import triton_sampling as ts
+    except ImportError:
+        return
+    monkeypatch.setattr(ts, "_scratch_rows",
+                        lambda B, V, dev: torch.full((B, V), float("nan"), dtype=torch.float32, device=dev))
+
+
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
     with use_backend(monkeypatch, *request.param) as name:
@@ -293,6 +305,17 @@ def test_triton_candidate_draw_at_its_edges(monkeypatch):
         got = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"][:R]
         assert bool((got == n).all()) == listed, (cap, got)
         assert torch.equal(sk.guided_sample([x], [1.0], **kw), ref), cap
+    # A list that overflows although its plan held (the launcher's guard; rounding at a bin edge):
+    # no kernel wrote the scratch for those rows before, so the sample kernel writes it itself.
+    monkeypatch.setitem(ts._INTERPRETED, "CAP", ts.CAP)
+    st = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)
+    st["cand_count"] += ts.CAP
+    tok = torch.empty(B, dtype=torch.int64)
+    lp = torch.empty(B, dtype=torch.float32)
+    seed, offset = _per_row(B, seed=kw["seed"], offset=kw["offset"])[4:]
+    ts._sample(st, temp, top_k, top_p, torch.zeros(B), seed, offset, tok, lp)
+    assert torch.equal(tok, ref), (tok, ref)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5000, top_p=0.9), dict(top_k=4096, top_p=0.5), dict(top_k=4097, top_p=0.5),
