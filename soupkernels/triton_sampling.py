@@ -3,33 +3,35 @@
 Three launches per call (the C++ kernel's algorithm, csrc/sample_body.inc,
 spread over the GPU):
 
-1. ``_combine_kernel``, grid (B, chunks): reads the M inputs once, writes the
-   scaled combined logits s = (sum_m c[b, m] x_m[b]) / T to an fp32 scratch
-   [B, V], and per chunk the max, the first index of the max, a NaN/+inf
-   count and a histogram of d = chunk max - s (NB bins of BIN_W nats; the
-   last bin holds everything further down). ``guided_logits`` is this kernel
-   alone (T = 1, scratch = output, no histogram).
+1. ``_combine_kernel``, grid (B, chunks): reads the M inputs once and holds
+   its chunk of the scaled combined logits s = (sum_m c[b, m] x_m[b]) / T in
+   registers: per chunk the max, the first index of the max, a NaN/+inf
+   count, a histogram of d = chunk max - s (NB bins of BIN_W nats; the last
+   bin holds everything further down), the chunk's mass and the list of its
+   tokens within NEAR_D of its max (s and index). Only rows without top-k /
+   top-p write s to the fp32 scratch [B, V]. ``guided_logits`` is this
+   kernel alone (T = 1, scratch = output, no histogram).
 2. ``_collect_kernel``, grid (B, chunks): rows with top-k or top-p read their
    chunk histograms and plan a cut-off s >= m - T that provably holds the
    final kept set (bin edges bound each token's s; bin counts bound the mass)
    and at most CAP tokens; every program then appends its chunk's tokens
-   above the cut-off to the row's candidate list. One pass over the scratch,
-   by all the row's programs at once.
+   above the cut-off, with their indices, to the row's candidate list, from
+   its near-top list or, if the cut lies below it, from the inputs. A row
+   whose plan fails (a very flat row) gets its scratch row here.
 3. ``_sample_kernel``, grid (B,): reduces the chunk partials (greedy and
    invalid rows end here); a collected row finds its top-k and top-p
    thresholds by a multi-pivot search over the order-preserving integer keys
    of its candidates only, with fixed-point masses (exact sums, so the
-   list's arbitrary order changes nothing), and its kept mass from them.
-   A row whose plan fails (a very flat row: more than CAP tokens near the
-   cut) and rows with temperature / min-p only run the same search over the
-   whole scratch row instead. Then the walk, block by block with
-   ``tl.cumsum`` from the row's start to the token's block.
+   list's arbitrary order changes nothing), its kept mass, and draws by an
+   index search over the same list: no row data. The other rows (failed
+   plans, temperature / min-p only) run the same searches and a walk over
+   their scratch row.
 
 The kept set and the draw follow soupkernels/sampling_reference.py exactly
 (the Philox uniform of (seed, offset), the first token in vocabulary order
 whose running kept mass exceeds u * Z), so the same seed gives the same token
 as the C++ kernel (up to float summation order at the boundaries). Tested on
-the CPU under ``TRITON_INTERPRET=1``.
+the CPU under ``TRITON_INTERPRET=1``; costs in benchmarks/GPU_MODEL.md.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 from soupkernels._triton_common import as_ptr, device_ctx, group_by_dtype
-from soupkernels._triton_thresholds import sample_by_passes, sample_from_candidates
+from soupkernels._triton_thresholds import plan_cutoff, sample_by_passes, sample_from_candidates
 
 BLOCK = 1024  # elements per step of the combine, collect and walk loops
 CHUNK = 8 * BLOCK  # elements per combine / collect program
@@ -163,7 +165,8 @@ def _combine_kernel(
         v32 = V.to(tl.int32)
         mask = idx < v32
         sv = _scaled(in_addrs, strides, coeffs, b, idx, mask, t, N_F32, N_BF16, N_F16)
-        tl.store(s_out + b * V + idx, sv, mask=idx < tl.where(rows_pass, v32, 0))
+        if rows_pass:
+            tl.store(s_out + b * V + idx, sv, mask=mask)
         am = tl.where(mask, sv, -float("inf"))
         mx = tl.max(am, 0)
         arg = tl.where(mx > -float("inf"), tl.min(tl.where(am == mx, idx, v32), 0), v32).to(tl.int64)
@@ -200,54 +203,6 @@ def _combine_kernel(
     tl.store(part_max + b * NCH + ch, mx)
     tl.store(part_arg + b * NCH + ch, arg)
     tl.store(part_bad + b * NCH + ch, bad)
-
-
-@triton.jit
-def _plan(hist_row, pmax_row, pz_row, m, NCH, k_on, k, p_on, p, NB: tl.constexpr, BIN_W: tl.constexpr,
-          CAP: tl.constexpr):
-    # A cut-off s >= m - thr that holds the row's kept set, from the chunk
-    # histograms alone. A token of chunk c in bin j has d = m - s in
-    # [lo_j, hi_j) = (m - max_c) + [j, j + 1) * BIN_W, so on the grid
-    # T_i = (i + 1) * BIN_W, L[i] (tokens whose whole bin is within T_i) is a
-    # lower bound of the count of {d <= T_i}, U[i] an upper bound of the count
-    # of {d <= T_i + BIN_W}, and TAIL[i] an upper bound of the mass of
-    # {d > T_i}. Top-k keeps a subset of {d <= T_i} once L[i] >= k; top-p
-    # (alone) once the mass of {d <= T_i}, at least Z - TAIL[i], reaches
-    # p * Z (Z: the row's mass, exact from the chunk sums). The cut sits one
-    # bin further down (float rounding of d) and is taken only if U says the
-    # candidates fit. Returns (collect, thr, Z).
-    # Counted per grid cell, then prefix-summed: a bin of chunk c is inside
-    # T_i for i >= j + ceil((m - max_c) / BIN_W), so each chunk adds its bins
-    # shifted by that offset (a shifted load, no [NB, NB] tile in registers).
-    j = tl.arange(0, NB)
-    Lc = tl.zeros([NB], dtype=tl.float32)
-    Uc = tl.zeros([NB], dtype=tl.float32)
-    Mc = tl.zeros([NB], dtype=tl.float32)  # upper mass of the bins inside, per cell
-    zup = 0.0
-    z = 0.0
-    for c in range(0, NCH):
-        base = hist_row + c * NB
-        dc = m - tl.load(pmax_row + c)  # +inf for an all -inf chunk: it adds nothing below
-        z += tl.where(dc < float("inf"), tl.exp(-dc) * tl.load(pz_row + c), 0.0)
-        off = tl.ceil(tl.minimum(dc * (1.0 / BIN_W), 4.0 * NB)).to(tl.int32)
-        jin = j - off  # the bin that enters at cell j; the last bin (unbounded below) never does
-        cin = tl.load(base + jin, mask=(jin >= 0) & (jin < NB - 1), other=0).to(tl.float32)
-        Lc += cin
-        Mc += cin * tl.exp(-(dc + jin.to(tl.float32) * BIN_W))
-        jup = j - off + 2  # lo_j <= T_i + BIN_W: two cells earlier; bins before cell 0 fold into it
-        Uc += tl.load(base + jup, mask=(jup >= 0) & (jup < NB), other=0).to(tl.float32)
-        full = tl.load(base + j).to(tl.float32)
-        Uc += tl.where(j == 0, tl.sum(tl.where(j < 2 - off, full, 0.0), 0), 0.0)
-        zup += tl.sum(full * tl.exp(-(dc + j.to(tl.float32) * BIN_W)), 0)
-    L = tl.cumsum(Lc, 0)
-    U = tl.cumsum(Uc, 0)
-    TAIL = zup - tl.cumsum(Mc, 0)
-    ik = tl.min(tl.where(L >= k.to(tl.float32), j, NB), 0)
-    ip = tl.min(tl.where(TAIL <= z * (1.0 - p * 1.0001), j, NB), 0)  # 1e-4: fp32 rounding of the bounds
-    isel = tl.where(k_on, ik, ip)
-    fits = tl.sum(tl.where(j == isel, U, 0.0), 0) <= CAP
-    collect = (k_on | p_on) & (isel < NB) & fits
-    return collect, (isel + 2).to(tl.float32) * BIN_W, z
 
 
 @triton.jit
@@ -315,7 +270,7 @@ def _collect_kernel(
     collect = m != m  # False, as a tensor for the ifs below
     thr = m * 0.0
     if sampled & (k_on | p_on):
-        collect, thr, _z = _plan(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k, p_on,
+        collect, thr, _z = plan_cutoff(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k, p_on,
                                  p, NB, BIN_W, CAP)
     if collect:
         cut = m - thr
@@ -347,7 +302,7 @@ def _sample_kernel(
     in_addrs,  # int64 [M], int64 [M], fp32 [B, M]: the inputs, as for _combine_kernel
     strides,
     coeffs,
-    s_ptr,  # fp32 [B, V]: scratch rows, from _collect_kernel for the rows that take the row passes
+    s_ptr,  # fp32 [B, V]: scratch rows of the row-pass rows (written by the combine, the collect or here)
     part_max,
     part_arg,
     part_bad,
@@ -400,7 +355,7 @@ def _sample_kernel(
         collect = m != m  # False (m is a number on this branch), as a tensor for the if below
         z = m * 0.0
         if k_on | p_on:
-            collect, _thr, z = _plan(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k,
+            collect, _thr, z = plan_cutoff(hist + b * NCH * NB, part_max + b * NCH, part_z + b * NCH, m, NCH, k_on, k,
                                      p_on, p, NB, BIN_W, CAP)
         count = tl.load(cand_count + b)
         if collect & (count <= CAP):
@@ -445,8 +400,9 @@ def _combine(xs, coeffs, temperature, s_out, scale: bool, top_k=None, top_p=None
               cand_count=per_chunk(B, dtype=torch.int32), near=per_chunk(B, nch, LCAP, dtype=torch.float32),
               near_idx=per_chunk(B, nch, LCAP, dtype=torch.int32), near_count=per_chunk(B, nch, dtype=torch.int32))
     _combine_kernel[(B, nch)](
-        addrs, strides, c, temperature if scale else c, top_k if scale else c, top_p if scale else c, s_out, st["part_max"], st["part_arg"], st["part_bad"],
-        st["hist"], st["part_z"], st["cand_count"], st["near"], st["near_idx"], st["near_count"], V, nch,
+        addrs, strides, c, *((temperature, top_k, top_p) if scale else (c, c, c)), s_out, st["part_max"],
+        st["part_arg"], st["part_bad"], st["hist"], st["part_z"], st["cand_count"], st["near"], st["near_idx"],
+        st["near_count"], V, nch,
         N_F32=counts[0], N_BF16=counts[1], N_F16=counts[2], SCALE=scale, HIST=scale, CHUNK=sz["CHUNK"],
         BLOCK=sz["BLOCK"], NB=NB, BIN_W=BIN_W, NEAR_D=NEAR_D, LCAP=LCAP, num_warps=COMBINE_WARPS if scale else 4,
     )
