@@ -55,7 +55,7 @@ BIN_W = 0.25
 CAP = 2048  # candidates per row (a row with more near its cut takes the row passes)
 # The combine pass also lists each chunk's tokens within NEAR_D nats of the
 # chunk max (up to LCAP of them, in vocabulary order): the collect pass reads
-# those lists instead of the scratch whenever the cut-off lies inside them.
+# those lists instead of re-reading the inputs whenever the cut-off lies inside them.
 NEAR_D = 4.0
 LCAP = 256
 # The sampling combine holds its whole chunk in registers: 16 warps keep that

@@ -250,7 +250,7 @@ def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeyp
         if cap == ts.CAP:  # every row fits in a list but the flat one and top_k = 3000 of 3001
             assert listed.tolist() == [False] + [True] * 8 + [False] + [True] * 2, counts
             # The collect pass reads the combine pass's near-top lists where the cut-off lies inside
-            # them, the scratch otherwise: lists of one entry (unusable) give the same candidates.
+            # them, the inputs again otherwise: lists of one entry (unusable) give the same candidates.
             monkeypatch.setattr(ts, "LCAP", 1)
             assert torch.equal(ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"],
                                counts)
