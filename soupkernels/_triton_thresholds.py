@@ -1,11 +1,12 @@
-"""Thresholds and the draw of the Triton sampler, over one row or one candidate list (private).
+"""Cut-offs, thresholds and the draw of the Triton sampler (private).
 
-Used by soupkernels/triton_sampling.py's ``_sample_kernel``: the top-k and
+Used by soupkernels/triton_sampling.py: ``plan_cutoff``, a cut-off from the
+per-chunk histograms that provably holds a row's kept set; the top-k and
 top-p thresholds by a multi-pivot search over the order-preserving integer
-keys of s (NPIV pivots per pass, so ~8 passes pin a 32-bit key exactly),
-the kept mass, and the inverse-CDF walk with ``tl.cumsum``; either over the
-whole scratch row or over a row's candidate list (the tokens above a cut-off
-that holds the kept set).
+keys of s (NPIV pivots per pass, so ~8 passes pin a 32-bit key exactly); the
+kept mass; and the draw, either over a row's candidate list (an index search,
+fixed-point masses, no row data) or over its whole scratch row (the
+inverse-CDF walk with ``tl.cumsum``).
 """
 
 from __future__ import annotations
@@ -88,12 +89,86 @@ def _walk(row, V, m, tau, log_minp, target, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_minp, z_row, u, NPIV: tl.constexpr,
-                            CAND_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    # The row's kept set lies inside its candidates (soupkernels.triton_sampling._plan): the
-    # thresholds by the pivot search over the candidates only (count <= CAP,
+def _draw_index(cand_row, cidx_row, count, V, m, tau, log_minp, target, NPIV: tl.constexpr,
+                CAND_BLOCK: tl.constexpr):
+    # The inverse CDF over the kept candidates in vocabulary order, without
+    # ordering them: the smallest index i whose kept mass over {index <= i}
+    # (fixed point, so exact in any order) exceeds target, by a multi-pivot
+    # search over the index range (NPIV pivots per pass: 5 passes for 128k).
+    # Invariant: G(hi) > target (G(V - 1) is the kept mass, above u * Z).
+    j = tl.arange(0, NPIV).to(tl.int64)
+    lo = (m * 0).to(tl.int64)
+    hi = lo + V - 1
+    while lo < hi:
+        piv = lo + ((j + 1) * (hi - lo)) // (NPIV + 1)  # in [lo, hi)
+        g = tl.zeros([NPIV], dtype=tl.int64)
+        for start in range(0, count, CAND_BLOCK):
+            slot = start + tl.arange(0, CAND_BLOCK)
+            s = tl.load(cand_row + slot, mask=slot < count, other=-float("inf"))
+            ix = tl.load(cidx_row + slot, mask=slot < count, other=0).to(tl.int64)
+            w = tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
+            g += tl.sum(tl.where(ix[:, None] <= piv[None, :], w[:, None], 0), 0)
+        above = g > target
+        hi = tl.minimum(hi, tl.min(tl.where(above, piv, hi), 0))
+        lo = tl.maximum(lo, tl.max(tl.where(above, lo, piv + 1), 0))
+    return lo
+
+
+@triton.jit
+def plan_cutoff(hist_row, pmax_row, pz_row, m, NCH, k_on, k, p_on, p, NB: tl.constexpr, BIN_W: tl.constexpr,
+                CAP: tl.constexpr):
+    # A cut-off s >= m - thr that holds the row's kept set, from the chunk
+    # histograms alone. A token of chunk c in bin j has d = m - s in
+    # [lo_j, hi_j) = (m - max_c) + [j, j + 1) * BIN_W, so on the grid
+    # T_i = (i + 1) * BIN_W, L[i] (tokens whose whole bin is within T_i) is a
+    # lower bound of the count of {d <= T_i}, U[i] an upper bound of the count
+    # of {d <= T_i + BIN_W}, and TAIL[i] an upper bound of the mass of
+    # {d > T_i}. Top-k keeps a subset of {d <= T_i} once L[i] >= k; top-p
+    # (alone) once the mass of {d <= T_i}, at least Z - TAIL[i], reaches
+    # p * Z (Z: the row's mass, exact from the chunk sums). The cut sits one
+    # bin further down (float rounding of d) and is taken only if U says the
+    # candidates fit. Returns (collect, thr, Z).
+    # Counted per grid cell, then prefix-summed: a bin of chunk c is inside
+    # T_i for i >= j + ceil((m - max_c) / BIN_W), so each chunk adds its bins
+    # shifted by that offset (a shifted load, no [NB, NB] tile in registers).
+    j = tl.arange(0, NB)
+    Lc = tl.zeros([NB], dtype=tl.float32)
+    Uc = tl.zeros([NB], dtype=tl.float32)
+    Mc = tl.zeros([NB], dtype=tl.float32)  # upper mass of the bins inside, per cell
+    zup = 0.0
+    z = 0.0
+    for c in range(0, NCH):
+        base = hist_row + c * NB
+        dc = m - tl.load(pmax_row + c)  # +inf for an all -inf chunk: it adds nothing below
+        z += tl.where(dc < float("inf"), tl.exp(-dc) * tl.load(pz_row + c), 0.0)
+        off = tl.ceil(tl.minimum(dc * (1.0 / BIN_W), 4.0 * NB)).to(tl.int32)
+        jin = j - off  # the bin that enters at cell j; the last bin (unbounded below) never does
+        cin = tl.load(base + jin, mask=(jin >= 0) & (jin < NB - 1), other=0).to(tl.float32)
+        Lc += cin
+        Mc += cin * tl.exp(-(dc + jin.to(tl.float32) * BIN_W))
+        jup = j - off + 2  # lo_j <= T_i + BIN_W: two cells earlier; bins before cell 0 fold into it
+        Uc += tl.load(base + jup, mask=(jup >= 0) & (jup < NB), other=0).to(tl.float32)
+        full = tl.load(base + j).to(tl.float32)
+        Uc += tl.where(j == 0, tl.sum(tl.where(j < 2 - off, full, 0.0), 0), 0.0)
+        zup += tl.sum(full * tl.exp(-(dc + j.to(tl.float32) * BIN_W)), 0)
+    L = tl.cumsum(Lc, 0)
+    U = tl.cumsum(Uc, 0)
+    TAIL = zup - tl.cumsum(Mc, 0)
+    ik = tl.min(tl.where(L >= k.to(tl.float32), j, NB), 0)
+    ip = tl.min(tl.where(TAIL <= z * (1.0 - p * 1.0001), j, NB), 0)  # 1e-4: fp32 rounding of the bounds
+    isel = tl.where(k_on, ik, ip)
+    fits = tl.sum(tl.where(j == isel, U, 0.0), 0) <= CAP
+    collect = (k_on | p_on) & (isel < NB) & fits
+    return collect, (isel + 2).to(tl.float32) * BIN_W, z
+
+
+@triton.jit
+def sample_from_candidates(cand_row, cidx_row, count, V, m, k_on, k, p_on, p, log_minp, z_row, u,
+                           NPIV: tl.constexpr, CAND_BLOCK: tl.constexpr):
+    # The row's kept set lies inside its candidates (plan_cutoff):
+    # the thresholds by the pivot search over the candidates only (count <= CAP,
     # not V), masses in fixed point (the list's order is arbitrary), then the
-    # walk over the row, which stops at the token's block.
+    # draw by index over the same list: no row data is read.
     key_min = (m * 0).to(tl.int64) + KEY_MIN
     key_max = _keys(m)
     tau = key_min
@@ -115,9 +190,19 @@ def sample_from_candidates(cand_row, count, row, V, m, k_on, k, p_on, p, log_min
         idx = start + tl.arange(0, CAND_BLOCK)
         s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
         acc += tl.where((_keys(s) >= tau) & (s - m >= log_minp), _fixed(tl.exp(s - m)), 0)
-    z = tl.sum(acc, 0).to(tl.float32) * (1.0 / 68719476736.0)
-    tok = _walk(row, V, m, tau, log_minp, u * z, BLOCK)
-    return tok, (tl.load(row + tok) - m) - tl.log(z)
+    zfix = tl.sum(acc, 0)
+    # u * Z in fp64 (Z < 2^48): floor(u * Z) < Z, so a kept token is always drawn.
+    target = (u.to(tl.float64) * zfix.to(tl.float64)).to(tl.int64)
+    tok = _draw_index(cand_row, cidx_row, count, V, m, tau, log_minp, target, NPIV, CAND_BLOCK)
+    # The token's s from the list (each index appears once), for its log-prob.
+    st = tl.full([CAND_BLOCK], -float("inf"), dtype=tl.float32)
+    for start in range(0, count, CAND_BLOCK):
+        idx = start + tl.arange(0, CAND_BLOCK)
+        s = tl.load(cand_row + idx, mask=idx < count, other=-float("inf"))
+        ix = tl.load(cidx_row + idx, mask=idx < count, other=-1)
+        st = tl.maximum(st, tl.where(ix == tok, s, -float("inf")))
+    z = zfix.to(tl.float32) * (1.0 / 68719476736.0)
+    return tok, (tl.max(st, 0) - m) - tl.log(z)
 
 
 @triton.jit

@@ -35,6 +35,18 @@ KERNELS = [pytest.param(("cpp", s), id=f"cpp-{s}") for s in simd_levels()] + [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_triton_scratch(monkeypatch):
+    """The Triton sampler writes its fp32 scratch only for the rows that take the row passes: NaN-filled
+    here, a row that read an unwritten scratch row would give token -1 or a wrong token."""
+    try:
+        from soupkernels import triton_sampling as ts
+    except ImportError:
+        return
+    monkeypatch.setattr(ts, "_scratch_rows",
+                        lambda B, V, dev: torch.full((B, V), float("nan"), dtype=torch.float32, device=dev))
+
+
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
     with use_backend(monkeypatch, *request.param) as name:
@@ -238,7 +250,7 @@ def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeyp
         if cap == ts.CAP:  # every row fits in a list but the flat one and top_k = 3000 of 3001
             assert listed.tolist() == [False] + [True] * 8 + [False] + [True] * 2, counts
             # The collect pass reads the combine pass's near-top lists where the cut-off lies inside
-            # them, the scratch otherwise: lists of one entry (unusable) give the same candidates.
+            # them, the inputs again otherwise: lists of one entry (unusable) give the same candidates.
             monkeypatch.setattr(ts, "LCAP", 1)
             assert torch.equal(ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"],
                                counts)
@@ -249,6 +261,61 @@ def test_triton_candidate_lists_and_row_passes_give_the_reference_tokens(monkeyp
         tok, lp = sk.guided_sample([x], [1.0], return_logprobs=True, **kw)
         assert torch.equal(tok, ref), (cap, tok, ref)
         torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
+
+
+def test_triton_candidate_draw_at_its_edges(monkeypatch):
+    """The draw over the candidate list (an index search, no row walk): ties at the top-k threshold, the
+    drawn token being the last kept candidate (index V - 1, or mid-row), and a list filled exactly to CAP
+    (one slot less: the row passes). Every case: the reference's and the C++ kernel's tokens."""
+    pytest.importorskip("triton")
+    from soupkernels import triton_sampling as ts
+
+    monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    R, V = 6, 3001  # seeds per pattern
+    tied = torch.round(torch.randn(V, generator=gen) * 12) / 4  # on the 0.25 grid: runs of ties everywhere
+    mid = torch.randn(V, generator=gen) * 0.5
+    mid[2990], mid[2991:] = 12.0, -5.0  # the last kept token (in vocabulary order) holds ~all the mass
+    end = torch.randn(V, generator=gen) * 0.5
+    end[-1] = 12.0
+    x = torch.stack([tied] * R + [mid] * R + [end] * R)
+    B = x.shape[0]
+    kth = torch.sort(tied, descending=True).values[39]
+    assert (tied == kth).sum() > 1 and (tied > kth).sum() < 40  # the 40th value is tied
+    kw = dict(temperature=1.0, top_k=[40] * R + [8] * R + [0] * R, top_p=[1.0] * R + [0.9] * R + [0.5] * R,
+              seed=torch.arange(B) * 7919 + 3, offset=11)
+    ref, ref_lp = _reference([x], [1.0], acc_dtype=torch.float32, **kw)
+    assert (ref[R:2 * R] == 2990).all() and (ref[2 * R:] == V - 1).all()
+    if sk_backend._C is not None:
+        monkeypatch.setenv("SOUPKERNELS_BACKEND", "cpp")
+        assert torch.equal(sk.guided_sample([x], [1.0], **kw), ref)
+        monkeypatch.setenv("SOUPKERNELS_BACKEND", "triton")
+    temp, top_k, top_p = (torch.as_tensor(kw[k], dtype=d).expand(B).contiguous() for k, d in
+                          (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32)))
+    counts = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"]
+    assert ((counts > 0) & (counts <= ts.CAP)).all(), counts  # every row on its candidate list
+    tok, lp = sk.guided_sample([x], [1.0], return_logprobs=True, **kw)
+    assert torch.equal(tok, ref), (tok, ref)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
+    # On the 0.25 grid the plan's bound is tight: the tied rows fill a list of exactly n slots.
+    n = int(counts[0])
+    assert n > 40 and (counts[:R] == n).all()
+    for cap, listed in ((n, True), (n - 1, False)):
+        monkeypatch.setitem(ts._INTERPRETED, "CAP", cap)
+        got = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)["cand_count"][:R]
+        assert bool((got == n).all()) == listed, (cap, got)
+        assert torch.equal(sk.guided_sample([x], [1.0], **kw), ref), cap
+    # A list that overflows although its plan held (the launcher's guard; rounding at a bin edge):
+    # no kernel wrote the scratch for those rows before, so the sample kernel writes it itself.
+    monkeypatch.setitem(ts._INTERPRETED, "CAP", ts.CAP)
+    st = ts._combine_and_collect([x], torch.ones(B, 1), temp, top_k, top_p)
+    st["cand_count"] += ts.CAP
+    tok = torch.empty(B, dtype=torch.int64)
+    lp = torch.empty(B, dtype=torch.float32)
+    seed, offset = _per_row(B, seed=kw["seed"], offset=kw["offset"])[4:]
+    ts._sample(st, temp, top_k, top_p, torch.zeros(B), seed, offset, tok, lp)
+    assert torch.equal(tok, ref), (tok, ref)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5000, top_p=0.9), dict(top_k=4096, top_p=0.5), dict(top_k=4097, top_p=0.5),

@@ -73,28 +73,32 @@ from soupkernels import triton_sampling as ts
 
 out = {}
 combine_sig = {"in_addrs": "*i64", "strides": "*i64", "coeffs": "*fp32", "temperature": "*fp32",
-               "s_out": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32", "hist": "*i32",
-               "part_z": "*fp32", "cand_count": "*i32", "near": "*fp32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
+               "top_k": "*i64", "top_p": "*fp32", "s_out": "*fp32", "part_max": "*fp32", "part_arg": "*i64",
+               "part_bad": "*i32", "hist": "*i32", "part_z": "*fp32", "cand_count": "*i32", "near": "*fp32",
+               "near_idx": "*i32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
 consts = {"N_F32": 0, "N_BF16": 3, "N_F16": 1, "SCALE": True, "HIST": True, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK,
           "NB": ts.NB, "BIN_W": ts.BIN_W, "NEAR_D": ts.NEAR_D, "LCAP": ts.LCAP}
-collect_sig = {"s_ptr": "*fp32", "part_max": "*fp32", "part_bad": "*i32", "hist": "*i32", "temperature": "*fp32",
-               "top_k": "*i64", "top_p": "*fp32", "cand": "*fp32", "cand_count": "*i32", "part_z": "*fp32",
-               "near": "*fp32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
-cconsts = {"NCH_P2": 16, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK, "NB": ts.NB, "BIN_W": ts.BIN_W, "CAP": ts.CAP,
-           "NEAR_D": ts.NEAR_D, "LCAP": ts.LCAP}
-sample_sig = {"s_ptr": "*fp32", "part_max": "*fp32", "part_arg": "*i64", "part_bad": "*i32", "hist": "*i32",
-              "cand": "*fp32", "cand_count": "*i32", "part_z": "*fp32",
-              "temperature": "*fp32", "top_k": "*i64", "top_p": "*fp32", "min_p": "*fp32", "seed": "*i64",
-              "offset": "*i64", "tokens": "*i64", "logprobs": "*fp32", "V": "i64", "NCH": "i64"}
-sconsts = {"NCH_P2": 16, "BLOCK": ts.BLOCK, "NPIV": ts.NPIV, "SEARCH_BLOCK": ts.SEARCH_BLOCK,
-           "CAND_BLOCK": ts.CAND_BLOCK, "NB": ts.NB, "BIN_W": ts.BIN_W, "CAP": ts.CAP}
-for name, fn, sig, c in (("combine", ts._combine_kernel, combine_sig, consts),
-                         ("collect", ts._collect_kernel, collect_sig, cconsts),
-                         ("sample", ts._sample_kernel, sample_sig, sconsts)):
+collect_sig = {"in_addrs": "*i64", "strides": "*i64", "coeffs": "*fp32", "s_out": "*fp32", "part_max": "*fp32",
+               "part_bad": "*i32", "hist": "*i32", "temperature": "*fp32", "top_k": "*i64", "top_p": "*fp32",
+               "cand": "*fp32", "cand_idx": "*i32", "cand_count": "*i32", "part_z": "*fp32", "near": "*fp32",
+               "near_idx": "*i32", "near_count": "*i32", "V": "i64", "NCH": "i64"}
+cconsts = {"N_F32": 0, "N_BF16": 3, "N_F16": 1, "NCH_P2": 16, "CHUNK": ts.CHUNK, "BLOCK": ts.BLOCK, "NB": ts.NB,
+           "BIN_W": ts.BIN_W, "CAP": ts.CAP, "NEAR_D": ts.NEAR_D, "LCAP": ts.LCAP}
+sample_sig = {"in_addrs": "*i64", "strides": "*i64", "coeffs": "*fp32", "s_ptr": "*fp32", "part_max": "*fp32",
+              "part_arg": "*i64", "part_bad": "*i32", "hist": "*i32", "cand": "*fp32", "cand_idx": "*i32",
+              "cand_count": "*i32", "part_z": "*fp32", "temperature": "*fp32", "top_k": "*i64", "top_p": "*fp32",
+              "min_p": "*fp32", "seed": "*i64", "offset": "*i64", "tokens": "*i64", "logprobs": "*fp32",
+              "V": "i64", "NCH": "i64"}
+sconsts = {"N_F32": 0, "N_BF16": 3, "N_F16": 1, "NCH_P2": 16, "BLOCK": ts.BLOCK, "NPIV": ts.NPIV,
+           "SEARCH_BLOCK": ts.SEARCH_BLOCK, "CAND_BLOCK": ts.CAND_BLOCK, "NB": ts.NB, "BIN_W": ts.BIN_W,
+           "CAP": ts.CAP}
+for name, fn, sig, c, warps in (("combine", ts._combine_kernel, combine_sig, consts, ts.COMBINE_WARPS),
+                                ("collect", ts._collect_kernel, collect_sig, cconsts, 4),
+                                ("sample", ts._sample_kernel, sample_sig, sconsts, 4)):
     sig = dict(sig, **{k: "constexpr" for k in c})
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     except Exception as exc:
         if "ptxas" in str(exc) or "backend" in str(exc).lower():
             print(json.dumps({"skip": str(exc)[:300]}))
