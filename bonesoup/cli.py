@@ -112,7 +112,7 @@ def _merge_config(args) -> int:
     dtype = args.dtype or plan.out_dtype
     out = merge_weighted_cpu([MergeInput(p, c, role) for p, c, role in plan.inputs], args.out, dtype=dtype,
                              force=args.force, progress=not args.no_progress, report=plan.report,
-                             side_files_from=plan.tokenizer_dir)
+                             tokenizer_from=plan.tokenizer_dir)
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
     return 0
 

@@ -28,6 +28,8 @@ import logging
 import mmap
 import os
 import queue
+import re
+import shutil
 import struct
 import threading
 import time
@@ -138,7 +140,7 @@ def merge_weighted_cpu(
     progress: bool = True,
     report: dict | None = None,
     layout_from: int = 0,
-    side_files_from: str | os.PathLike | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``sum_k inputs[k].coefficient * inputs[k]`` as a checkpoint directory ``out_dir``.
 
@@ -156,10 +158,11 @@ def merge_weighted_cpu(
     layout_from : int
         Index of the input whose shard layout, config and non-float tensors
         the output takes (mergekit: the base model).
-    side_files_from : path, optional
-        Checkpoint directory whose side files (tokenizer, generation config,
-        ...) are copied instead of ``inputs[layout_from]``'s; ``config.json``
-        always comes from the layout input.
+    tokenizer_from : path, optional
+        Checkpoint directory whose tokenizer files (``tokenizer*``, vocab,
+        merges, ``special_tokens_map.json``, ``*.model``) replace the layout
+        input's (mergekit's ``tokenizer_source``); every other side file
+        comes from the layout input.
 
     Returns
     -------
@@ -182,7 +185,7 @@ def merge_weighted_cpu(
 
     # 1. Headers only; refuse disagreements before writing.
     checkpoints = [CheckpointDir(i.path) for i in inputs]
-    side_ckpt = CheckpointDir(side_files_from) if side_files_from is not None else None
+    tok_ckpt = CheckpointDir(tokenizer_from) if tokenizer_from is not None else None
     first = checkpoints[layout_from]
     validate_compatible([first] + [c for k, c in enumerate(checkpoints) if k != layout_from])
     used = [(ck, i.coefficient) for ck, i in zip(checkpoints, inputs) if i.coefficient != 0.0] or [(first, 0.0)]
@@ -196,8 +199,7 @@ def merge_weighted_cpu(
                                   for k in first.keys_in(shard)])
                for name, shard in zip(names, first.shards)]
     data_bytes = sum(lay.data_size for lay in layouts)
-    sides = side_ckpt or first
-    side_bytes = sum((sides.path / name).stat().st_size for name in sides.side_files)
+    side_bytes = sum((ck.path / name).stat().st_size for ck in (first, tok_ckpt) if ck for name in ck.side_files)
     required = sum(lay.file_size for lay in layouts) + side_bytes + 2**20
     config_updates = {k: out_name for k in ("dtype", "torch_dtype") if k in first.config} or {"dtype": out_name} \
         if out_name is not None else None
@@ -205,13 +207,9 @@ def merge_weighted_cpu(
     # 3. Stream: merge batch i + 1 while a writer thread appends batch i.
     stats = {"bytes_read": 0, "bytes_written": 0, "merged_tensors": 0, "copied_tensors": 0}
     with atomic_output_dir(out_dir, force=force, required_bytes=required) as tmp:
-        if side_ckpt is not None:
-            copy_side_files(side_ckpt, tmp)
-            (tmp / "config.json").unlink(missing_ok=True)
-            config = dict(first.config, **(config_updates or {}))
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        else:
-            copy_side_files(first, tmp, config_updates=config_updates)
+        copy_side_files(first, tmp, config_updates=config_updates)
+        if tok_ckpt is not None:
+            _replace_tokenizer(first, tok_ckpt, tmp)
         with _Progress(data_bytes, len(used), progress) as bar, ExitStack() as stack:
             maps = _Maps(stack)
             writer = _ShardStream(tmp, stats, bar)
@@ -244,6 +242,23 @@ def merge_weighted_cpu(
              len(used), out_dir, seconds, [round(c, 6) for _, c in used], stats["bytes_read"],
              stats["bytes_written"])
     return out_dir
+
+
+_TOKENIZER_FILE_RE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                                r".*\.model|chat_template\..*")
+
+
+def _replace_tokenizer(first: CheckpointDir, source: CheckpointDir, tmp: Path) -> None:
+    """The output's tokenizer files become ``source``'s (none of ``first``'s are kept, so they never mix)."""
+    names = [n for n in source.side_files if _TOKENIZER_FILE_RE.fullmatch(n)]
+    if not names:
+        raise ValueError(f"tokenizer source {source.path} holds no tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json, vocab, merges, ...)")
+    for name in first.side_files:
+        if _TOKENIZER_FILE_RE.fullmatch(name):
+            (tmp / name).unlink()
+    for name in names:
+        shutil.copyfile(source.side_file_path(name), tmp / name)
 
 
 # --------------------------------------------------------------------------- batches
