@@ -216,6 +216,7 @@ def merge_weighted_cpu(
             try:
                 for batch in _batches(layouts, first, out_st_of):
                     writer.put(batch, _merge_batch(batch, first, used, maps, stats))
+                    maps.release()  # copied tensors still queued are views: they fault back in if needed
                 writer.finish()
             except BaseException:
                 writer.abort()  # before the files are unmapped: the thread may still read them
@@ -291,11 +292,18 @@ def _batches(layouts: Sequence[ShardLayout], first: CheckpointDir, out_st_of) ->
 
 
 class _Maps:
-    """Each weight file mapped once (read-only), closed with the stack."""
+    """Each weight file mapped once (read-only), closed with the stack.
+
+    Pages a batch touched are dropped from this process's page tables once
+    the batch is merged (:meth:`release`, ``MADV_DONTNEED``: the data stays in
+    the page cache, a later read faults it back in), so the resident set stays
+    near one batch of inputs, not whole models, although the files stay mapped.
+    """
 
     def __init__(self, stack: ExitStack):
         self._stack = stack
         self._maps: dict[Path, tuple[mmap.mmap, int, int]] = {}
+        self._touched: dict[Path, tuple[int, int]] = {}  # byte range read since the last release
 
     def tensor(self, ck: CheckpointDir, key: str) -> np.ndarray:
         """``key``'s bytes in ``ck`` as a uint8 array viewing the mapping (copied only if misaligned)."""
@@ -315,10 +323,22 @@ class _Maps:
         if begin + info.nbytes > size:  # the file changed since its header was read
             raise ValueError(f"{path}: key {key!r} ends at byte {begin + info.nbytes}, past the file's {size} bytes "
                              "(was the file modified during the merge?)")
+        lo, hi = self._touched.get(path, (begin, begin + info.nbytes))
+        self._touched[path] = (min(lo, begin), max(hi, begin + info.nbytes))
         arr = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=begin)
         # A valid file whose header length is not a multiple of the element size maps tensors at
         # unaligned addresses, which the kernel does not take: copy those to aligned memory.
         return arr.copy() if info.nbytes and arr.ctypes.data % info.itemsize else arr
+
+
+    def release(self) -> None:
+        """Drop the pages read since the last call from the resident set (safe: they are file-backed)."""
+        for path, (lo, hi) in self._touched.items():
+            mm = self._maps[path][0]
+            start = lo - lo % mmap.PAGESIZE
+            if hi > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, hi - start)
+        self._touched.clear()
 
 
 def _close_map(mm: mmap.mmap) -> None:

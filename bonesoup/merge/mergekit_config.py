@@ -59,6 +59,7 @@ _NONLINEAR = {
     "karcher": "takes a Riemannian mean", "model_stock": "weights by the angle between task vectors",
     "sce": "selects, calculates and erases elements by variance", "nearswap": "swaps elements by distance",
     "arcee_fusion": "fuses by dynamic thresholds", "passthrough": "stacks layers (a different architecture)",
+    "ram": "reweights by the agents' overlap", "ramplus_tl": "reweights by the agents' overlap",
 }
 _TOP_KEYS = {"merge_method", "models", "base_model", "sft", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _PARAMS = {"linear": {"weight", "normalize"}, "task_arithmetic": {"weight", "normalize", "lambda"},
@@ -217,10 +218,9 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
         tasks = [(i, path, p) for i, (path, p) in enumerate(entries) if not _same(base_path, path)]
         weights = [param(p, "weight", f"{source}: models[{i}]") for i, _, p in tasks]
         normalize = flag(top, "normalize", False) and all(flag(p, "normalize", False) for _, _, p in tasks)
-        total = sum(weights)
-        if normalize and total == 0.0:
-            raise ValueError(f"{source}: normalize is true but the weights {weights} sum to 0")
-        scale = lam / total if normalize else lam
+        total = math.fsum(weights)
+        # mergekit divides by the weight sum unless it is below 1e-8 in magnitude (then by 1)
+        scale = lam / total if normalize and abs(total) >= 1e-8 else lam
         coeffs = [w * scale for w in weights]
         inputs = [(base_path, 1.0 - math.fsum(coeffs), "base")]
         inputs += [(path, c, "model") for (_, path, _), c in zip(tasks, coeffs)]
