@@ -153,6 +153,73 @@ def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / best  # read + write
 
 
+def breakdown(cfg: Path, out: Path, repeats: int) -> dict:
+    """Where the torch-free run's time goes: interpreter start, imports, the merge with and without the writes."""
+    py, env = sys.executable, {**os.environ, "PYTHONPATH": str(REPO)}
+    start = min(timed([py, "-c", "pass"], REPO, env)[0] for _ in range(repeats))
+    imports = min(timed([py, "-c", "import bonesoup.cli, bonesoup.merge.cpu_merge, bonesoup.merge.mergekit_config, "
+                         "soupkernels._C, yaml"], REPO, env)[0] for _ in range(repeats))
+    code = """
+import sys, time
+from bonesoup.merge import cpu_merge
+from bonesoup.merge.checkpoint import ShardWriter
+from bonesoup.merge.mergekit_config import load_mergekit_config, plan_from_config
+plan = plan_from_config(load_mergekit_config(sys.argv[1]))
+inputs = [cpu_merge.MergeInput(p, c, r) for p, c, r in plan.inputs]
+if sys.argv[3] == "nowrite":
+    ShardWriter.write_bytes = lambda self, key, data: setattr(self, "_next", self._next + 1)
+    ShardWriter.close = ShardWriter.abort
+best = 1e9
+for _ in range(int(sys.argv[4])):
+    t0 = time.perf_counter()
+    cpu_merge.merge_weighted_cpu(inputs, sys.argv[2], dtype=plan.out_dtype, force=True, progress=False)
+    best = min(best, time.perf_counter() - t0)
+print(best)
+"""
+    res = {}
+    for mode in ("write", "nowrite"):
+        run = subprocess.run([py, "-c", code, str(cfg), str(out), mode, str(repeats)], capture_output=True, text=True,
+                             cwd=REPO, env=env, check=True)
+        res[mode] = float(run.stdout.split()[-1])
+    return {"python_start_s": start, "imports_s": imports - start, "merge_s": res["write"],
+            "merge_without_writes_s": res["nowrite"], "writes_s": res["write"] - res["nowrite"]}
+
+
+def compare_configs(workdir: Path, dirs: list[Path], mergekit: str) -> list[dict]:
+    """The same YAML files through bonesoup and mergekit-yaml: max difference in bf16 ulps per config."""
+    import yaml
+
+    base, models = dirs[-1], dirs[:-1]
+    ws = [0.6, -0.2, 0.9][: len(models)]
+    rows = []
+    for method in ("linear", "task_arithmetic"):
+        for normalize in (True, False):
+            for dtype in ("float32", None):
+                config = {"merge_method": method, "parameters": {"normalize": normalize},
+                          "models": [{"model": str(d), "parameters": {"weight": w}} for d, w in zip(models, ws)]}
+                if method == "task_arithmetic":
+                    config["base_model"] = str(base)
+                    config["parameters"]["lambda"] = 0.8
+                if dtype:
+                    config.update(dtype=dtype, out_dtype="bfloat16")
+                name = f"{method}-n{int(normalize)}-{dtype or 'native'}"
+                cfg = workdir / f"{name}.yaml"
+                cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+                ours, theirs = workdir / f"{name}-bonesoup", workdir / f"{name}-mergekit"
+                env = {**os.environ, "PYTHONPATH": str(REPO)}
+                timed([sys.executable, "-m", "bonesoup", "merge", "--config", str(cfg), "--out", str(ours), "--force",
+                       "--no-progress"], REPO, env)
+                timed([mergekit, str(cfg), str(theirs)], REPO, os.environ.copy())
+                report = json.loads((ours / "bonesoup-merge.json").read_text())
+                terms = [(i["coefficient"], load_bf16(Path(i["path"]))) for i in report["inputs"]]
+                err_ref, err_mk = ulp_errors(ours, terms, theirs)
+                mk_ref, _ = ulp_errors(theirs, terms, None)
+                rows.append({"config": name, "ulp_bonesoup_vs_f64": round(err_ref, 3),
+                             "ulp_mergekit_vs_f64": round(mk_ref, 3), "ulp_bonesoup_vs_mergekit": round(err_mk, 3)})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / "bench-out" / "cli")
@@ -162,6 +229,10 @@ def main() -> None:
     p.add_argument("--mergekit", help="mergekit-yaml executable (a separate venv)")
     p.add_argument("--torch-tree", type=Path, help="a source tree whose `bonesoup merge` is the torch baseline")
     p.add_argument("--json", type=Path)
+    p.add_argument("--compare-configs", action="store_true", help="only: linear / task_arithmetic, with and "
+                   "without normalize and dtype, through both tools (needs --mergekit)")
+    p.add_argument("--breakdown", action="store_true", help="only the torch-free run's time split (start, imports, "
+                   "merge, writes), in-process")
     args = p.parse_args()
 
     dirs = build(args.workdir / f"inputs-{args.size_mb}mb", args.n + 1, args.size_mb)
@@ -173,6 +244,15 @@ def main() -> None:
 
     cfg = args.workdir / "merge.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    if args.compare_configs:
+        rows = compare_configs(args.workdir, dirs, args.mergekit)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
+    if args.breakdown:
+        parts = breakdown(cfg, args.workdir / "out-breakdown", args.repeats)
+        print("\n".join(f"{k:<24} {v:8.3f}" for k, v in parts.items()))
+        return
     coeffs = [w / sum(weights) for w in weights]
     outs = {name: args.workdir / f"out-{i}" for i, name in enumerate(["bonesoup --config", "bonesoup (torch)",
                                                                         "mergekit-yaml"])}

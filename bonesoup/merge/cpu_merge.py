@@ -139,7 +139,6 @@ def merge_weighted_cpu(
     force: bool = False,
     progress: bool = True,
     report: dict | None = None,
-    layout_from: int = 0,
     tokenizer_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``sum_k inputs[k].coefficient * inputs[k]`` as a checkpoint directory ``out_dir``.
@@ -148,16 +147,15 @@ def merge_weighted_cpu(
     ----------
     inputs : sequence of MergeInput, length >= 1
         Checkpoint directories and their coefficients (float64, must fit float32).
-        Inputs with coefficient exactly 0 are validated but not read.
+        The first one's shard layout, config, side files and non-float tensors
+        are the output's (mergekit: the base model). Inputs with coefficient
+        exactly 0 are validated but not read.
     out_dir : path
         Output directory; must not exist unless ``force``.
     dtype : {None, "float32", "bfloat16", "float16"}
         Output dtype of the merged tensors; None keeps each tensor's input dtype.
     report : dict, optional
         Fields put first in ``bonesoup-merge.json`` (method, preference, ...).
-    layout_from : int
-        Index of the input whose shard layout, config and non-float tensors
-        the output takes (mergekit: the base model).
     tokenizer_from : path, optional
         Checkpoint directory whose tokenizer files (``tokenizer*``, vocab,
         merges, ``special_tokens_map.json``, ``*.model``) replace the layout
@@ -186,8 +184,8 @@ def merge_weighted_cpu(
     # 1. Headers only; refuse disagreements before writing.
     checkpoints = [CheckpointDir(i.path) for i in inputs]
     tok_ckpt = CheckpointDir(tokenizer_from) if tokenizer_from is not None else None
-    first = checkpoints[layout_from]
-    validate_compatible([first] + [c for k, c in enumerate(checkpoints) if k != layout_from])
+    first = checkpoints[0]
+    validate_compatible(checkpoints)
     used = [(ck, i.coefficient) for ck, i in zip(checkpoints, inputs) if i.coefficient != 0.0] or [(first, 0.0)]
 
     # 2. Plan the output: the layout input's files, each tensor's output dtype.

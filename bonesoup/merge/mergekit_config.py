@@ -78,7 +78,7 @@ class MergekitPlan:
     out_dtype : str or None
         Output dtype name, None to keep each tensor's.
     tokenizer_dir : Path or None
-        Where the tokenizer (side) files come from, None for the layout input.
+        Where the tokenizer files come from, None for the layout input.
     report : dict
         What goes into ``bonesoup-merge.json`` (method, config path, parameters).
     """
