@@ -290,7 +290,8 @@ def main() -> None:
         err_ref, err_mk = ulp_errors(outs[name], terms, outs["mergekit-yaml"] if "mergekit-yaml" in cmds and
                                      name != "mergekit-yaml" else None)
         best = min(t for t, _ in ts)
-        rows.append({"command": name, "best_s": round(best, 3), "median_s": round(sorted(t for t, _ in ts)[len(ts) // 2], 3),
+        median = sorted(t for t, _ in ts)[len(ts) // 2]
+        rows.append({"command": name, "best_s": round(best, 3), "median_s": round(median, 3),
                      "peak_rss_mib": round(max(r for _, r in ts)), "vs_torch_free": round(best / base, 2),
                      "max_ulp_vs_f64": round(err_ref, 3), "max_ulp_vs_mergekit": round(err_mk, 3)})
     print(f"\nlinear merge of {len(dirs)} bf16 checkpoints x {nbytes / 2**20:.0f} MiB (whole processes, warm cache, "

@@ -128,7 +128,8 @@ def test_tokenizer_source_and_config(models, tmp_path, capsys):
     (tok / "tokenizer.json").write_text((a / "tokenizer.json").read_text().replace("}", "} ", 1))
     (tok / "generation_config.json").write_text("{}")
     config = {"merge_method": "linear", "tokenizer_source": str(tok),
-              "models": [{"model": str(a), "parameters": {"weight": 1}}, {"model": str(b), "parameters": {"weight": 1}}]}
+              "models": [{"model": str(a), "parameters": {"weight": 1}},
+                         {"model": str(b), "parameters": {"weight": 1}}]}
     rc, out, err = run_config(tmp_path, config, capsys)
     assert rc == 0, err
     assert (out / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()

@@ -143,7 +143,8 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
     method = config.get("merge_method")
     if method not in SUPPORTED_METHODS:
         why = _NONLINEAR.get(method)
-        reason = f"it {why}, which is not one weighted sum of the inputs" if why else "it is not a method bonesoup knows"
+        reason = (f"it {why}, which is not one weighted sum of the inputs" if why
+                  else "it is not a method bonesoup knows")
         raise ValueError(f"{source}: merge_method {method!r} is not supported: {reason}. Supported: "
                          f"{', '.join(SUPPORTED_METHODS)}")
     allowed = _PARAMS[method]
