@@ -45,6 +45,11 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"bonesoup.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"bonesoup.{name}") is not None:
+        # a submodule (``bonesoup.<name>``), reachable as an attribute as when everything was imported eagerly
+        return importlib.import_module(f"bonesoup.{name}")
     raise AttributeError(f"module 'bonesoup' has no attribute {name!r}")
 
 

@@ -37,6 +37,11 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"soupkernels.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"soupkernels.{name}") is not None:
+        # a submodule (``soupkernels.<name>``), reachable as an attribute as when everything was imported eagerly
+        return importlib.import_module(f"soupkernels.{name}")
     raise AttributeError(f"module 'soupkernels' has no attribute {name!r}")
 
 
