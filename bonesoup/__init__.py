@@ -10,51 +10,22 @@ PPO training of backbones on combined rewards (``bonesoup.train.ppo``,
 command line (``bonesoup --help``).
 """
 
-from bonesoup.merge.coefficients import (
-    backbone_matrix,
-    bone_coefficients,
-    fold_extrapolation,
-    merge_coefficients,
-    per_objective_extrapolation,
-    rewarded_soup_coefficients,
-    validate_preference,
-)
-from bonesoup.merge.live import LiveSoup, RemergeInfo
-from bonesoup.merge.methods import MergeMethod, get_merge_method, merge_method_names, register_merge_method
-from bonesoup.merge.offline import merge_checkpoints
-from bonesoup.train.ppo import PPOConfig, PPOTrainer
-from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
-from bonesoup.train.rewards import CombinedReward, RewardNormalization, combination_weights, get_reward, register_reward
-
-__all__ = [
-    "backbone_matrix",
-    "bone_coefficients",
-    "rewarded_soup_coefficients",
-    "fold_extrapolation",
-    "merge_coefficients",
-    "per_objective_extrapolation",
-    "validate_preference",
-    "MergeMethod",
-    "get_merge_method",
-    "merge_method_names",
-    "register_merge_method",
-    "merge_checkpoints",
-    "LiveSoup",
-    "RemergeInfo",
-    "PPOConfig",
-    "PPOTrainer",
-    "train_checkpoint",
-    "evaluate_checkpoint",
-    "CombinedReward",
-    "RewardNormalization",
-    "combination_weights",
-    "get_reward",
-    "register_reward",
-]
-
-# Guided decoding (MAGE stage 2) imports transformers; load it on first use so that
-# `import bonesoup` stays light for the merge paths.
+# Every public name is loaded on first use (PEP 562): `bonesoup merge` on the CPU
+# and `bonesoup --help` import neither torch nor transformers; the names still
+# come from `bonesoup` itself.
 _LAZY = {
+    **dict.fromkeys(["backbone_matrix", "bone_coefficients", "rewarded_soup_coefficients", "fold_extrapolation",
+                     "merge_coefficients", "per_objective_extrapolation", "validate_preference"],
+                    "merge.coefficients"),
+    **dict.fromkeys(["MergeMethod", "get_merge_method", "merge_method_names", "register_merge_method"],
+                    "merge.methods"),
+    "merge_checkpoints": "merge.offline",
+    "LiveSoup": "merge.live", "RemergeInfo": "merge.live",
+    "PPOConfig": "train.ppo", "PPOTrainer": "train.ppo",
+    "train_checkpoint": "train.ppo.checkpoint_training", "evaluate_checkpoint": "train.ppo.checkpoint_training",
+    **dict.fromkeys(["CombinedReward", "RewardNormalization", "combination_weights", "get_reward",
+                     "register_reward"], "train.rewards"),
+    # guided decoding (MAGE stage 2), metrics, the experiment: these import transformers
     "GuidanceLogitsProcessor": "decode.guided", "GuidedGeneration": "decode.guided",
     "guided_generate": "decode.guided",
     "mage_generate": "decode.mage", "mod_generate": "decode.mage", "ChunkSearch": "decode.mage",
@@ -64,12 +35,23 @@ _LAZY = {
     "hypervolume": "eval.metrics", "controllability": "eval.metrics", "pareto_front": "eval.metrics",
     "run_experiment": "eval.experiment", "ExperimentConfig": "eval.experiment",
 }
-__all__ += list(_LAZY)
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"bonesoup.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"bonesoup.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"bonesoup.{name}") is not None:
+        # a submodule (``bonesoup.<name>``), reachable as an attribute as when everything was imported eagerly
+        return importlib.import_module(f"bonesoup.{name}")
     raise AttributeError(f"module 'bonesoup' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

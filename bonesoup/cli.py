@@ -1,6 +1,7 @@
 """``bonesoup`` command line.
 
     bonesoup merge B1 B2 ... --out DIR --preference 0.3 0.7 --beta 0.7 [--alpha A --sft DIR]
+    bonesoup merge --config merge.yaml --out DIR   # a mergekit config (linear, task_arithmetic, bone_soup)
     bonesoup merge            # embedded default: tiny checkpoints made in code
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
@@ -9,6 +10,11 @@ Errors in the user's input (bad arguments, malformed or hostile checkpoints,
 an existing output) print one line naming what was wrong, and the file, key
 or argument, and exit 2; any other error prints one line too and exits 1.
 ``--debug`` (or ``BONESOUP_DEBUG=1``) prints the traceback as well.
+
+``bonesoup merge`` on the CPU (and its ``--help``) imports no torch: the merge
+runs on memory-mapped files through ``soupkernels._C``
+(:mod:`bonesoup.merge.cpu_merge`); torch comes in only for ``--device cuda``
+and the embedded demo's reload check.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ def _add_merge(sub) -> None:
         f"(under --workdir, default {DEMO_DIR}) and merges those.",
     )
     p.add_argument("backbones", nargs="*", metavar="BACKBONE", help="checkpoint directories, one per objective")
+    p.add_argument("--config", type=Path, help="a mergekit YAML config (merge_method linear, task_arithmetic or "
+                   "bone_soup; models, base_model, parameters, dtype, out_dtype, tokenizer_source) instead of "
+                   "BACKBONE directories and --preference; other methods and slices are refused")
     p.add_argument("--out", type=Path, help="output directory (default for the demo: WORKDIR/merged)")
     p.add_argument("--preference", type=float, nargs="+", help="mu, one weight per backbone, summing to 1")
     p.add_argument("--beta", type=float, help="backbone mixing strength in (0.5, 1) (method bone)")
@@ -57,8 +66,8 @@ def _add_merge(sub) -> None:
 
 
 def _cmd_merge(args) -> int:
-    from bonesoup.merge.offline import merge_checkpoints
-
+    if args.config is not None:
+        return _merge_config(args)
     if not args.backbones:
         return _demo(args)
     if args.out is None:
@@ -67,10 +76,43 @@ def _cmd_merge(args) -> int:
         raise ValueError("--preference is required (one weight per backbone, summing to 1)")
     if get_merge_method(args.method).needs_beta and args.beta is None:
         raise ValueError(f"--beta is required for --method {args.method}")
-    out = merge_checkpoints(
-        args.backbones, args.out, preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, sft=args.sft,
-        method=args.method, dtype=args.dtype, device=args.device, force=args.force, progress=not args.no_progress,
-    )
+    kwargs = dict(preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, sft=args.sft,
+                  method=args.method, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    if _is_cpu(args.device):
+        from bonesoup.merge import cpu_merge
+
+        out = cpu_merge.merge_checkpoints_cpu(args.backbones, args.out, **kwargs)
+    else:
+        from bonesoup.merge import offline
+
+        out = offline.merge_checkpoints(args.backbones, args.out, device=args.device, **kwargs)
+    print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
+    return 0
+
+
+def _is_cpu(device: str) -> bool:
+    return device.strip().lower() == "cpu"
+
+
+def _merge_config(args) -> int:
+    """``--config merge.yaml``: a mergekit config, validated whole before any checkpoint is read."""
+    from bonesoup.merge.cpu_merge import MergeInput, merge_weighted_cpu
+    from bonesoup.merge.mergekit_config import load_mergekit_config, plan_from_config
+
+    given = [flag for flag, value in (("BACKBONE directories", args.backbones), ("--preference", args.preference),
+                                      ("--beta", args.beta), ("--alpha", args.alpha), ("--sft", args.sft))
+             if value not in (None, [])]
+    if given:
+        raise ValueError(f"--config describes the whole merge; drop {', '.join(given)}")
+    if args.out is None:
+        raise ValueError("--out is required with --config")
+    if not _is_cpu(args.device):
+        raise ValueError(f"--config merges run on the CPU; --device {args.device} is not supported with it")
+    plan = plan_from_config(load_mergekit_config(args.config), str(args.config))
+    dtype = args.dtype or plan.out_dtype
+    out = merge_weighted_cpu([MergeInput(p, c, role) for p, c, role in plan.inputs], args.out, dtype=dtype,
+                             force=args.force, progress=not args.no_progress, report=plan.report,
+                             tokenizer_from=plan.tokenizer_dir)
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
     return 0
 
@@ -161,13 +203,21 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose parsers import nothing heavy: `bonesoup merge ...` builds only these, because the
+# other commands' parser modules import torch (serve, experiment) at module level.
+_LIGHT_COMMANDS = ("merge", "bench")
+
+
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; ``light`` registers only :data:`_LIGHT_COMMANDS` (imports no torch)."""
     parser = argparse.ArgumentParser(prog="bonesoup", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_bench(sub)
+    if light:
+        return parser
     from bonesoup.serve import add_serve_parser  # needs fastapi/uvicorn only when it runs
 
     add_serve_parser(sub)
@@ -181,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(light=command in _LIGHT_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     debug = args.debug or os.environ.get("BONESOUP_DEBUG", "") not in ("", "0")

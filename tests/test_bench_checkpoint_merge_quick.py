@@ -35,8 +35,10 @@ def test_bench_checkpoint_merge_tiny(tmp_path, capsys, load_benchmark):
     for case in ("ours", "naive"):
         r = res["cases"][case]
         assert len(r["runs"]) == 1 and 0 < r["min_s"] <= r["median_s"]
-        # a real process with torch imported: tens of MiB at least, and not the benchmark's own RSS
-        assert 50 * 2**20 < r["max_rss_bytes"] < 4 * 2**30
+        # a real process, not the benchmark's own RSS: the loop imports torch (tens of MiB at least);
+        # `bonesoup merge` on the CPU imports no torch (issue 17), python + numpy are over 10 MiB
+        floor = 10 * 2**20 if case == "ours" else 50 * 2**20
+        assert floor < r["max_rss_bytes"] < 4 * 2**30
     # What the run knows exactly: every input read once, the output written once (the ideal), and the
     # coefficients the merge used are the ones the benchmark gave the loop.
     model_bytes, n = res["model"]["weight_bytes_per_checkpoint"], res["model"]["n_backbones"]

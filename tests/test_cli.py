@@ -140,12 +140,12 @@ def test_huge_alpha_is_one_line_naming_alpha(tiny, tmp_path, capsys):
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tiny, tmp_path, capsys, monkeypatch):
-    import bonesoup.merge.offline as offline
+    import bonesoup.merge.cpu_merge as cpu_merge  # what `bonesoup merge` runs on the CPU
 
     def boom(*args, **kwargs):
         raise RuntimeError("kernel exploded\nsecond line")
 
-    monkeypatch.setattr(offline, "merge_checkpoints", boom)
+    monkeypatch.setattr(cpu_merge, "merge_checkpoints_cpu", boom)
     sft, (b0, b1) = tiny
     argv = ["merge", str(b0), str(b1), "--out", str(tmp_path / "o"), "--preference", "0.5", "0.5", "--beta", "0.7"]
     line = _one_line_error(capsys, main(argv), expected_rc=1)

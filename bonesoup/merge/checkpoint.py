@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from soupkernels import SUPPORTED_DTYPES, parse_dtype
+from soupkernels._dtypes import NAME_TO_SAFETENSORS
 
 from .atomic_dir import _process_start, atomic_output_dir, check_free_space, clean_stale_temp_dirs  # noqa: F401
-from .safetensors_file import ShardLayout, ShardWriter, TensorInfo, load_json, read_header
+from .safetensors_file import ShardLayout, ShardWriter, TensorInfo, dtype_label, load_json, read_header
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,6 +34,7 @@ __all__ = [
     "INDEX_NAME",
     "MERGE_REPORT_NAME",
     "MERGEABLE_DTYPES",
+    "MERGEABLE_ST_DTYPES",
     "TensorInfo",
     "CheckpointDir",
     "validate_compatible",
@@ -54,9 +55,19 @@ INDEX_NAME = "model.safetensors.index.json"
 #: Provenance file written by bonesoup.merge.offline; never copied as a side file.
 MERGE_REPORT_NAME = "bonesoup-merge.json"
 
-#: Floating dtypes that are merged: soupkernels' table (the kernels accumulate them in fp32).
-#: Every other dtype (integer buffers, bool masks) is copied from the first input.
-MERGEABLE_DTYPES = SUPPORTED_DTYPES
+#: Floating dtypes that are merged, by safetensors name: soupkernels' table (the kernels
+#: accumulate them in fp32). Every other dtype (integer buffers, bool masks) is copied from the
+#: first input. ``MERGEABLE_DTYPES`` (the torch dtypes) and ``parse_dtype`` import torch on first use.
+MERGEABLE_ST_DTYPES = tuple(NAME_TO_SAFETENSORS.values())
+_FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def __getattr__(name):
+    if name in ("MERGEABLE_DTYPES", "parse_dtype"):
+        from soupkernels import _dtypes
+
+        return _dtypes.SUPPORTED_DTYPES if name == "MERGEABLE_DTYPES" else _dtypes.parse_dtype
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Files that hold weights (ours or another format's copy of the same weights):
 # never copied into a merged output, which would otherwise carry stale weights.
@@ -269,6 +280,10 @@ class CheckpointDir:
 
         return safe_open(str(self._files[file]), framework="pt", device="cpu")
 
+    def resolved_file(self, file: str) -> Path:
+        """The confined, symlink-resolved path of one weight file (what :meth:`open_file` maps)."""
+        return self._files[file]
+
 
 def validate_compatible(checkpoints: Sequence[CheckpointDir]) -> None:
     """Refuse a set of checkpoints that cannot be merged, before anything is written.
@@ -307,13 +322,13 @@ def validate_compatible(checkpoints: Sequence[CheckpointDir]) -> None:
             if t.shape != o.shape:
                 raise ValueError(f"shape mismatch for key {key!r}: {list(t.shape)} in {ref.file_of(key)} "
                                  f"but {list(o.shape)} in {other.file_of(key)}")
-            if t.dtype != o.dtype:
-                raise ValueError(f"dtype mismatch for key {key!r}: {t.dtype} in {ref.file_of(key)} "
-                                 f"but {o.dtype} in {other.file_of(key)}")
+            if t.st_dtype != o.st_dtype:
+                raise ValueError(f"dtype mismatch for key {key!r}: {dtype_label(t.st_dtype)} in {ref.file_of(key)} "
+                                 f"but {dtype_label(o.st_dtype)} in {other.file_of(key)}")
     for key, t in ref.tensors.items():
-        if t.dtype.is_floating_point and t.dtype not in MERGEABLE_DTYPES:
-            raise ValueError(f"key {key!r} in {ref.file_of(key)} has dtype {t.dtype}; only float32, bfloat16 "
-                             "and float16 tensors can be merged")
+        if t.st_dtype in _FLOAT_ST_DTYPES and t.st_dtype not in MERGEABLE_ST_DTYPES:
+            raise ValueError(f"key {key!r} in {ref.file_of(key)} has dtype {dtype_label(t.st_dtype)}; only "
+                             "float32, bfloat16 and float16 tensors can be merged")
 
 
 def write_index(out_dir: Path, weight_map: Mapping[str, str], metadata: Mapping) -> Path:

@@ -10,6 +10,11 @@ offset order with no gap or overlap, the data section fully covered, no
 trailing bytes. JSON is parsed with a nesting-depth limit (a deeply nested
 header or config.json is a ValueError, not a RecursionError).
 
+Nothing here imports torch until a torch dtype or tensor is asked for
+(``TensorInfo.dtype``, ``ST_TO_TORCH``, :meth:`ShardWriter.write`): the CPU
+merge (:mod:`bonesoup.merge.cpu_merge`) reads headers and writes shards
+from raw buffers without it.
+
 :class:`ShardWriter` writes a shard's header first and then its tensors one at
 a time, so a merge never holds more than one batch of output in memory.
 """
@@ -27,14 +32,15 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
+    "ST_ITEMSIZE",
     "ST_TO_TORCH",
     "TORCH_TO_ST",
     "TensorInfo",
+    "dtype_label",
     "load_json",
     "read_header",
     "ShardLayout",
@@ -46,24 +52,29 @@ MAX_HEADER_BYTES = 100_000_000
 #: Nesting depth allowed in any JSON we parse (headers, index, config.json); real files use < 10.
 MAX_JSON_DEPTH = 64
 
-# safetensors dtype names <-> torch dtypes (the format's spelling, little-endian).
-ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+#: safetensors dtype names (the format's spelling, little-endian) -> bytes per element.
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# safetensors dtype name -> torch dtype attribute (ST_TO_TORCH / TORCH_TO_ST are built from it on first use).
+_ST_TORCH_ATTR = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                  "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+                  "U64": "uint64"}
+
+
+def dtype_label(st_dtype: str) -> str:
+    """How messages name a safetensors dtype: torch's spelling (``"torch.bfloat16"``), without importing torch."""
+    return f"torch.{_ST_TORCH_ATTR.get(st_dtype, st_dtype)}"
+
+
+def __getattr__(name):
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        import torch
+
+        st_to_torch = {st: getattr(torch, a) for st, a in _ST_TORCH_ATTR.items() if hasattr(torch, a)}
+        globals().update(ST_TO_TORCH=st_to_torch, TORCH_TO_ST={v: k for k, v in st_to_torch.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # delete table: everything but brackets
 _STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -127,7 +138,9 @@ class TensorInfo:
     key : str
         Parameter name, e.g. ``"transformer.h.0.attn.c_attn.weight"``.
     shape : tuple of int
-    dtype : torch.dtype
+    st_dtype : str
+        The safetensors dtype name (``"BF16"``, ``"F32"``, ``"I64"``, ...);
+        ``dtype`` is the matching torch dtype (imports torch).
     file : str
         Name of the file inside the checkpoint directory that holds it.
     offset : int
@@ -136,9 +149,18 @@ class TensorInfo:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    st_dtype: str
     file: str
     offset: int
+
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        return __getattr__("ST_TO_TORCH")[self.st_dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return ST_ITEMSIZE[self.st_dtype]
 
     @property
     def numel(self) -> int:
@@ -146,7 +168,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
 
 def _is_uint(v) -> bool:
@@ -198,25 +220,25 @@ def read_header(path: Path, file: str | None = None) -> list[TensorInfo]:
             raise ValueError(f"{path}: malformed header entry for key {key!r}: expected an object with exactly "
                              f"dtype, shape and data_offsets, got {desc!r:.120}")
         st_dtype, shape, offsets = desc["dtype"], desc["shape"], desc["data_offsets"]
-        if not isinstance(st_dtype, str) or st_dtype not in ST_TO_TORCH:
+        if not isinstance(st_dtype, str) or st_dtype not in ST_ITEMSIZE:
             raise ValueError(f"{path}: key {key!r} has dtype {st_dtype!r:.40}, which torch cannot hold")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise ValueError(f"{path}: key {key!r} has shape {shape!r:.80}; expected a list of integers >= 0")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
             raise ValueError(f"{path}: key {key!r} has data_offsets {offsets!r:.80}; expected [begin, end], "
                              "integers >= 0")
-        infos.append((offsets[0], offsets[1], key, tuple(shape), ST_TO_TORCH[st_dtype]))
+        infos.append((offsets[0], offsets[1], key, tuple(shape), st_dtype))
     # The data section must be exactly the tensors, back to back in offset
     # order (the library's rule): no gap that hides bytes, no overlap that
     # lets two keys share data, nothing after the last tensor.
     infos.sort(key=lambda e: (e[0], e[1]))
     pos = 0
     for begin, end, key, shape, dtype in infos:
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
         if begin != pos or end - begin != nbytes:
             raise ValueError(f"{path}: key {key!r} has data_offsets {[begin, end]}, but the tensors must be "
                              f"contiguous: it should start at byte {pos} and take {nbytes} bytes "
-                             f"({list(shape)} {TORCH_TO_ST[dtype]})")
+                             f"({list(shape)} {dtype})")
         pos = end
     data_bytes = size - 8 - n
     if pos > data_bytes:
@@ -243,7 +265,7 @@ class ShardLayout:
     name : str
         File name inside the output directory.
     entries : sequence of (key, dtype, shape)
-        The tensors of this file.
+        The tensors of this file; dtype a torch dtype or a safetensors name (``"BF16"``).
     metadata : mapping of str to str, optional
         Header ``__metadata__``; defaults to ``{"format": "pt"}``, which
         transformers requires to load the file.
@@ -259,22 +281,26 @@ class ShardLayout:
     file_size : int
     """
 
-    def __init__(self, name: str, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, name: str, entries: Sequence[tuple[str, object, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):
         self.name = name
-        rank = {key: i for i, (key, _, _) in enumerate(entries)}
-        ordered = sorted(entries, key=lambda e: (-e[1].itemsize, rank[e[0]]))
+        named = []
+        for key, dtype, shape in entries:
+            st = dtype if isinstance(dtype, str) else __getattr__("TORCH_TO_ST").get(dtype)
+            if st not in ST_ITEMSIZE:
+                raise ValueError(f"cannot write key {key!r}: dtype {dtype} has no safetensors name")
+            named.append((key, st, shape))
+        rank = {key: i for i, (key, _, _) in enumerate(named)}
+        ordered = sorted(named, key=lambda e: (-ST_ITEMSIZE[e[1]], rank[e[0]]))
         self.keys = [e[0] for e in ordered]
-        self.specs: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        #: key -> (safetensors dtype name, shape, begin, end) in the data section
+        self.specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         header: dict = {"__metadata__": dict(metadata if metadata is not None else {"format": "pt"})}
         offset = 0
-        for key, dtype, shape in ordered:
-            if dtype not in TORCH_TO_ST:
-                raise ValueError(f"cannot write key {key!r}: dtype {dtype} has no safetensors name")
-            nbytes = math.prod(shape) * dtype.itemsize
-            self.specs[key] = (dtype, tuple(shape), offset, offset + nbytes)
-            header[key] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape),
-                           "data_offsets": [offset, offset + nbytes]}
+        for key, st, shape in ordered:
+            nbytes = math.prod(shape) * ST_ITEMSIZE[st]
+            self.specs[key] = (st, tuple(shape), offset, offset + nbytes)
+            header[key] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         body = json.dumps(header, separators=(",", ":")).encode()
         body += b" " * (-len(body) % 8)
@@ -301,18 +327,38 @@ class ShardWriter:
         self._file = open(self.path, "xb")
         self._file.write(layout.header)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` (CPU, the planned dtype and shape) as ``key``."""
+    def _expect(self, key: str) -> tuple[str, tuple[int, ...], int, int]:
         expected = self.layout.keys[self._next] if self._next < len(self.layout.keys) else None
         if key != expected:
             raise ValueError(f"{self.path}: expected key {expected!r} next, got {key!r}")
-        dtype, shape, _, _ = self.layout.specs[key]
+        return self.layout.specs[key]
+
+    def write(self, key: str, tensor) -> None:
+        """Append ``tensor`` (a torch tensor on the CPU, the planned dtype and shape) as ``key``."""
+        import torch
+
+        st, shape, _, _ = self._expect(key)
+        dtype = __getattr__("ST_TO_TORCH")[st]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape or tensor.device.type != "cpu":
             raise ValueError(f"{self.path}: key {key!r} planned as {dtype} {list(shape)} on cpu, "
                              f"got {tensor.dtype} {list(tensor.shape)} on {tensor.device}")
         if tensor.numel():
             # A byte view avoids numpy's missing bfloat16; memoryview writes without a copy.
             self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def write_bytes(self, key: str, data) -> None:
+        """Append ``key``'s raw little-endian bytes (any C-contiguous buffer: numpy array, mmap slice).
+
+        The torch-free path; the buffer's byte length must be the planned one.
+        """
+        st, shape, begin, end = self._expect(key)
+        view = memoryview(data).cast("B")
+        if view.nbytes != end - begin:
+            raise ValueError(f"{self.path}: key {key!r} planned as {st} {list(shape)} ({end - begin} bytes), "
+                             f"got {view.nbytes} bytes")
+        if view.nbytes:
+            self._file.write(view)
         self._next += 1
 
     def close(self) -> None:
