@@ -339,6 +339,18 @@ def write_index(out_dir: Path, weight_map: Mapping[str, str], metadata: Mapping)
     return path
 
 
+def finish_shards(out_dir: Path, layouts: Sequence[ShardLayout], first: "CheckpointDir", data_bytes: int) -> None:
+    """Complete a merge's shards in ``out_dir``: write the layouts no tensor opened (empty files), and
+    ``model.safetensors.index.json`` when the first input is sharded (its metadata, the new total size)."""
+    for lay in layouts:
+        if not lay.keys:
+            ShardWriter(out_dir / lay.name, lay).close()
+    if first.sharded:
+        metadata = dict(first.index_metadata)
+        metadata["total_size"] = data_bytes
+        write_index(out_dir, {key: lay.name for lay in layouts for key in lay.keys}, metadata)
+
+
 def copy_side_files(src: CheckpointDir, out_dir: Path, *, config_updates: Mapping | None = None) -> list[str]:
     """Copy ``src.side_files`` into ``out_dir`` (contents, never links); ``config_updates`` go into config.json."""
     names = src.side_files

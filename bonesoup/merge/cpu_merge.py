@@ -43,16 +43,16 @@ import numpy as np
 from soupkernels._dtypes import NAME_CODE, NAME_TO_SAFETENSORS, parse_dtype_name
 
 from .checkpoint import (
-    MERGE_REPORT_NAME,
     MERGEABLE_ST_DTYPES,
+    MERGE_REPORT_NAME,
     CheckpointDir,
     ShardLayout,
     ShardWriter,
     atomic_output_dir,
     copy_side_files,
+    finish_shards,
     output_shard_names,
     validate_compatible,
-    write_index,
 )
 from .coefficients import merge_coefficients
 from .methods import get_merge_method
@@ -219,13 +219,7 @@ def merge_weighted_cpu(
             except BaseException:
                 writer.abort()  # before the files are unmapped: the thread may still read them
                 raise
-        for lay in layouts:  # a layout with no tensors is never opened above; write it empty
-            if not lay.keys:
-                ShardWriter(tmp / lay.name, lay).close()
-        if first.sharded:
-            metadata = dict(first.index_metadata)
-            metadata["total_size"] = data_bytes
-            write_index(tmp, {key: lay.name for lay in layouts for key in lay.keys}, metadata)
+        finish_shards(tmp, layouts, first, data_bytes)
         seconds = time.perf_counter() - started
         body = {
             **(report or {}),

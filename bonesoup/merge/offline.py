@@ -31,17 +31,17 @@ from tqdm.auto import tqdm
 import soupkernels as sk
 
 from .checkpoint import (
-    MERGE_REPORT_NAME,
     MERGEABLE_DTYPES,
+    MERGE_REPORT_NAME,
     CheckpointDir,
     ShardLayout,
     ShardWriter,
     atomic_output_dir,
     copy_side_files,
+    finish_shards,
     output_shard_names,
     parse_dtype,
     validate_compatible,
-    write_index,
 )
 from .coefficients import merge_coefficients
 from .methods import get_merge_method
@@ -233,14 +233,7 @@ def merge_checkpoints(
                 if writer is not None:
                     writer.abort()
                 raise
-        # A layout with no tensors would never be opened above; write it empty.
-        for lay in layouts:
-            if not lay.keys:
-                ShardWriter(tmp / lay.name, lay).close()
-        if first.sharded:
-            metadata = dict(first.index_metadata)
-            metadata["total_size"] = data_bytes
-            write_index(tmp, {key: lay.name for lay in layouts for key in lay.keys}, metadata)
+        finish_shards(tmp, layouts, first, data_bytes)
         seconds = time.perf_counter() - started
         report = {
             "method": method,
