@@ -44,6 +44,7 @@ from .checkpoint import (
     validate_compatible,
 )
 from .coefficients import merge_coefficients
+from .cpu_merge import check_float32_coefficients
 from .methods import get_merge_method
 
 __all__ = ["MERGE_BATCH_BYTES", "merge_checkpoints"]
@@ -157,7 +158,7 @@ def merge_checkpoints(
         raise ValueError(f"preference has {len(pref)} entries but {len(backbones)} backbones were given; "
                          "they must match (one weight per backbone)")
     coeffs, sft_coeff = merge_coefficients(pref, method=method, beta=beta, alpha=alpha)
-    _check_float32_coefficients([*coeffs, sft_coeff], f"preference {pref}, beta={beta!r}, alpha={alpha!r}")
+    check_float32_coefficients([*coeffs, sft_coeff], f"preference {pref}, beta={beta!r}, alpha={alpha!r}")
     if sft_coeff != 0.0 and sft is None:
         raise ValueError(f"alpha={alpha!r} extrapolates away from the SFT model, so sft (its checkpoint "
                          "directory) is required")
@@ -350,17 +351,6 @@ def _merge(job: _Job, batch: _Batch, groups: list[list[torch.Tensor]]) -> list[t
         sk.merge_many([groups[i] for i in todo], job.coeffs, outs=[outs[i] for i in todo])
         _check_finite(job, batch, groups, outs, todo)
     return outs
-
-
-def _check_float32_coefficients(coeffs: Sequence[float], given: str) -> None:
-    """Refuse coefficients that are finite in float64 but not in float32, the kernels' precision."""
-    for c in coeffs:
-        if abs(float(c)) > _FLOAT32_MAX:
-            raise ValueError(f"{given} give the merge coefficient {float(c):.6g}, beyond float32's range "
-                             f"({_FLOAT32_MAX:.4g}), the precision of the merge kernels")
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_finite(job: _Job, batch: _Batch, groups, outs, todo: list[int]) -> None:
