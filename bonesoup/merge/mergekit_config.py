@@ -126,6 +126,17 @@ def _model_path(entry, where: str) -> Path:
     return Path(entry)
 
 
+def _parameters(value, where: str, method: str, allowed: set) -> dict:
+    """A ``parameters`` mapping (None: empty) whose keys all apply to ``method``; the error names ``where``."""
+    params = value or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where} must be a mapping, got {params!r:.80}")
+    bad = sorted(set(params) - allowed)
+    if bad:
+        raise ValueError(f"{where}: {bad} do not apply to merge_method {method!r} (it takes {sorted(allowed)})")
+    return params
+
+
 def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
     """Validate a mergekit config (dict) and turn it into coefficients; reads no checkpoint.
 
@@ -148,13 +159,7 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
         raise ValueError(f"{source}: merge_method {method!r} is not supported: {reason}. Supported: "
                          f"{', '.join(SUPPORTED_METHODS)}")
     allowed = _PARAMS[method]
-    top = config.get("parameters") or {}
-    if not isinstance(top, dict):
-        raise ValueError(f"{source}: 'parameters' must be a mapping, got {top!r:.80}")
-    bad = sorted(set(top) - allowed)
-    if bad:
-        raise ValueError(f"{source}: parameter(s) {bad} do not apply to merge_method {method!r} (it takes "
-                         f"{sorted(allowed)})")
+    top = _parameters(config.get("parameters"), f"{source}: parameters", method, allowed)
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError(f"{source}: 'models' must be a non-empty list of {{model: DIR, parameters: {{...}}}}")
@@ -165,13 +170,7 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
             m = {"model": m}
         if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
             raise ValueError(f"{where} must be a mapping with 'model' (and optional 'parameters'), got {m!r:.120}")
-        params = m.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ValueError(f"{where}.parameters must be a mapping, got {params!r:.80}")
-        bad = sorted(set(params) - allowed)
-        if bad:
-            raise ValueError(f"{where}.parameters: {bad} do not apply to merge_method {method!r} (it takes "
-                             f"{sorted(allowed)})")
+        params = _parameters(m.get("parameters"), f"{where}.parameters", method, allowed)
         entries.append((_model_path(m["model"], f"{where}.model"), {**top, **params}))
     base = config.get("base_model")
     if method == "bone_soup" and config.get("sft") is not None:
