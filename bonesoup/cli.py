@@ -3,6 +3,7 @@
     bonesoup merge B1 B2 ... --out DIR --preference 0.3 0.7 --beta 0.7 [--alpha A --sft DIR]
     bonesoup merge --config merge.yaml --out DIR   # a mergekit config (linear, task_arithmetic, bone_soup)
     bonesoup merge            # embedded default: tiny checkpoints made in code
+    bonesoup extract-lora BACKBONE --sft SFT --rank 16 --out DIR   # a full fine-tune as a LoRA adapter
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
 
@@ -172,6 +173,49 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract-lora",
+        help="a full fine-tune as a LoRA adapter on its SFT model (truncated SVD of each linear layer's delta)",
+        description="Write BACKBONE - SFT as a peft LoRA adapter of rank R: per linear layer (nn.Linear, Conv1D) "
+        "the truncated SVD of its delta (float64, optimal), B = U sqrt(S), A = sqrt(S) V^T, scaling 1. Prints "
+        "the relative error ||D - D_r||_F / ||D||_F per layer and overall (also in OUT/bonesoup-extract.json). "
+        "Parameters that are not linear layers (norms, embeddings, biases, a tied lm_head) cannot be carried "
+        "by a LoRA: extraction is refused when they differ from the SFT, unless --allow-dense-drift.",
+    )
+    p.add_argument("backbone", type=Path, metavar="BACKBONE", help="the full fine-tune's checkpoint directory")
+    p.add_argument("--sft", type=Path, required=True, help="the SFT checkpoint it was fine-tuned from")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank R")
+    p.add_argument("--out", type=Path, required=True, help="output adapter directory (peft format)")
+    p.add_argument("--svd", choices=["full", "lowrank"], default="full",
+                   help="full: torch.linalg.svd in float64 (optimal); lowrank: torch.svd_lowrank (randomized, "
+                   "float32, for large layers)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved LoRA factors")
+    p.add_argument("--allow-dense-drift", action="store_true",
+                   help="extract although norms / embeddings / biases differ from the SFT (they stay at the "
+                   "SFT's values; their relative change is reported)")
+    p.add_argument("--dense-tolerance", type=float, default=1e-6,
+                   help="relative change ||p - p_sft|| / ||p_sft|| of such a parameter that counts as none")
+    p.add_argument("--exclude-modules", nargs="+", default=[], metavar="MODULE",
+                   help="linear modules (names or dotted suffixes, e.g. lm_head) to leave out of the adapter")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args) -> int:
+    from bonesoup.merge.extract import EXTRACT_REPORT_NAME, extract_lora, format_report
+
+    result = extract_lora(args.backbone, args.sft, args.rank, args.out, svd=args.svd, dtype=args.dtype,
+                          allow_dense_drift=args.allow_dense_drift, dense_tolerance=args.dense_tolerance,
+                          exclude_modules=args.exclude_modules, force=args.force, progress=not args.no_progress)
+    print(format_report(result.report))
+    print(f"adapter: {args.out} (report: {args.out / EXTRACT_REPORT_NAME})")
+    return 0
+
+
 _BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py", "remerge": "bench_remerge.py",
             "serve": "bench_serve_load.py", "sampling": "bench_sampling.py", "guidance": "bench_guidance.py"}
 
@@ -204,8 +248,9 @@ def _cmd_bench(args) -> int:
 
 
 # Commands whose parsers import nothing heavy: `bonesoup merge ...` builds only these, because the
-# other commands' parser modules import torch (serve, experiment) at module level.
-_LIGHT_COMMANDS = ("merge", "bench")
+# other commands' parser modules import torch (serve, experiment) at module level (extract-lora imports
+# torch only when it runs).
+_LIGHT_COMMANDS = ("merge", "extract-lora", "bench")
 
 
 def build_parser(light: bool = False) -> argparse.ArgumentParser:
@@ -215,6 +260,7 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
+    _add_extract(sub)
     _add_bench(sub)
     if light:
         return parser
