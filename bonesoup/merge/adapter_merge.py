@@ -160,14 +160,12 @@ def merge_as_adapter(adapters: Sequence[str | os.PathLike], out_dir: str | os.Pa
     Returns ``out_dir`` (adapter_config.json, adapter_model.safetensors, bonesoup-mixture.json).
     """
     from .checkpoint import CheckpointDir
-    from .cpu_merge import check_deltas
+    from .cpu_merge import check_deltas, check_output_dir
     from .lora import load_adapters, mixture_adapter
 
     if isinstance(adapters, (str, os.PathLike)):
         raise TypeError(f"adapters must be a sequence of adapter directories, got the single path {adapters!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    out_dir = check_output_dir(out_dir, [*adapters, *([sft] if sft is not None else [])], force)
     loaded = load_adapters(adapters, sft=sft)
     c, report = _coefficients(len(loaded), preference, beta, alpha, method)
     if sft is not None:

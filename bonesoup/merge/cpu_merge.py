@@ -15,7 +15,8 @@ numpy and the extension only:
 - Each input file is ``mmap``-ed once; a tensor is an address inside it.
 - Keys are merged in batches of about :data:`MERGE_BATCH_BYTES` of output;
   a writer thread appends batch i to its shard while the kernel merges batch
-  i + 1 (both release the GIL), so at most two batches of output are alive.
+  i + 1 (both release the GIL); batch i + 2 waits for batch i to be written,
+  so at most two batches of output are alive (:class:`~bonesoup.merge.shard_stream.ShardStream`).
 - Every merged output is checked for non-finite values with two integer
   reductions over its bits (no temporaries); a flagged tensor is compared
   with the float64 reference to tell an overflow from an input's own inf/NaN.
@@ -60,7 +61,7 @@ from .safetensors_file import ST_ITEMSIZE, TensorInfo, dtype_label
 from .shard_stream import Progress, ShardStream
 
 __all__ = ["MERGE_BATCH_BYTES", "FLOAT32_MAX", "MergeInput", "DeltaSource", "check_deltas",
-           "check_float32_coefficients", "merge_checkpoints_cpu", "merge_weighted_cpu"]
+           "check_float32_coefficients", "check_output_dir", "preference_inputs", "merge_checkpoints_cpu", "merge_weighted_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,17 @@ def check_deltas(first: CheckpointDir, deltas: DeltaSource) -> None:
                              f"{first.file_of(key)}; only float tensors are merged")
 
 
+def check_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool) -> Path:
+    """Refuse an ``out_dir`` that is or contains an input (``force`` would delete it) or exists without ``force``."""
+    out_dir = Path(out_dir)
+    for p in map(Path, inputs):
+        if p.exists() and out_dir.exists() and p.resolve().is_relative_to(out_dir.resolve()):
+            raise ValueError(f"out_dir {out_dir} is or contains the input {p}; write the output somewhere else")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    return out_dir
+
+
 def check_float32_coefficients(coeffs: Sequence[float], given: str) -> None:
     """Refuse coefficients that are finite in float64 but not in float32, the kernels' precision."""
     for c in coeffs:
@@ -118,23 +130,13 @@ def check_float32_coefficients(coeffs: Sequence[float], given: str) -> None:
                              f"({FLOAT32_MAX:.4g}), the precision of the merge kernels")
 
 
-def merge_checkpoints_cpu(
-    backbones: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    preference: Sequence[float],
-    beta: float | None = None,
-    alpha: float = 0.0,
-    sft: str | os.PathLike | None = None,
-    method: str = "bone",
-    dtype: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """:func:`bonesoup.merge.offline.merge_checkpoints` on the CPU, without importing torch.
+def preference_inputs(backbones: Sequence[str | os.PathLike], *, preference: Sequence[float],
+                      beta: float | None = None, alpha: float = 0.0, sft: str | os.PathLike | None = None,
+                      method: str = "bone") -> tuple[list[MergeInput], dict]:
+    """A preference merge as one weighted sum: its inputs (backbones, then the SFT if given) and report fields.
 
-    Same parameters (less ``device``), same output files and report, same
-    errors; see that function. ``dtype`` is a name (``"bfloat16"``, ``"bf16"``, ...).
+    Validates the arguments (method, lengths, float32 range, ``sft`` when alpha extrapolates) before any
+    file is read; shared by the CPU path and :func:`bonesoup.merge.offline.merge_checkpoints` on CUDA.
     """
     spec = get_merge_method(method)
     if isinstance(backbones, (str, os.PathLike)):
@@ -153,6 +155,29 @@ def merge_checkpoints_cpu(
         inputs.append(MergeInput(Path(sft), float(sft_coeff), "sft"))
     report = {"method": method, "preference": [float(x) for x in pref],
               "beta": None if not spec.needs_beta or beta is None else float(beta), "alpha": float(alpha)}
+    return inputs, report
+
+
+def merge_checkpoints_cpu(
+    backbones: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    preference: Sequence[float],
+    beta: float | None = None,
+    alpha: float = 0.0,
+    sft: str | os.PathLike | None = None,
+    method: str = "bone",
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """:func:`bonesoup.merge.offline.merge_checkpoints` on the CPU, without importing torch.
+
+    Same parameters (less ``device``), same output files and report, same
+    errors; see that function. ``dtype`` is a name (``"bfloat16"``, ``"bf16"``, ...) or a torch dtype.
+    """
+    inputs, report = preference_inputs(backbones, preference=preference, beta=beta, alpha=alpha, sft=sft,
+                                       method=method)
     return merge_weighted_cpu(inputs, out_dir, dtype=dtype, force=force, progress=progress, report=report)
 
 
@@ -201,13 +226,7 @@ def merge_weighted_cpu(
     check_float32_coefficients([i.coefficient for i in inputs], "the inputs")
     out_name = parse_dtype_name(dtype)
     out_st = None if out_name is None else NAME_TO_SAFETENSORS[out_name]
-    out_dir = Path(out_dir)
-    for i in inputs:
-        # out_dir may be replaced (force=True): it must neither be nor contain an input.
-        if i.path.exists() and out_dir.exists() and i.path.resolve().is_relative_to(out_dir.resolve()):
-            raise ValueError(f"out_dir {out_dir} is or contains the input {i.path}; write the merge somewhere else")
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    out_dir = check_output_dir(out_dir, [i.path for i in inputs], force)
 
     # 1. Headers only; refuse disagreements before writing.
     checkpoints = [CheckpointDir(i.path) for i in inputs]
@@ -243,6 +262,7 @@ def merge_weighted_cpu(
             writer = ShardStream(tmp, stats, bar)
             try:
                 for batch in _batches(layouts, first, out_st_of):
+                    writer.reserve()  # at most two batches of output alive: this one and the one being written
                     writer.put(batch, _merge_batch(batch, first, used, maps, stats, deltas))
                     maps.release()  # copied tensors still queued are views: they fault back in if needed
                 writer.finish()
@@ -377,7 +397,6 @@ def _merge_batch(batch: _Batch, first: CheckpointDir, used, maps: _Maps, stats: 
 
     coeffs = [c for _, c in used]
     changed = deltas.shapes() if deltas is not None else {}
-    names = [str(ck.path) for ck, _ in used] + ([deltas.name] if deltas is not None else [])
     outs: list[np.ndarray] = []
     # (input code, output code, has a delta) -> positions, one kernel call each
     groups: dict[tuple[int, int, bool], list[int]] = {}
@@ -408,8 +427,9 @@ def _merge_batch(batch: _Batch, first: CheckpointDir, used, maps: _Maps, stats: 
                        [first.tensors[batch.keys[p]].numel for p in positions],
                        out_itemsize=ST_ITEMSIZE[batch.out_st[positions[0]]])
         for p in positions:
-            _check_finite(batch.keys[p], batch.out_st[p], outs[p], ins[p], in_sts, names, first.file_of(batch.keys[p]),
-                          k)
+            key = batch.keys[p]
+            names = [str(ck.file_of(key)) for ck, _ in used] + ([deltas.name] if has_delta else [])
+            _check_finite(key, batch.out_st[p], outs[p], ins[p], in_sts, names, k)
     return outs
 
 
@@ -424,16 +444,16 @@ def _decode(data: np.ndarray, st: str) -> np.ndarray:
 
 
 def _check_finite(key: str, out_st: str, out: np.ndarray, ins: list[np.ndarray], in_sts: list[str],
-                  names: list[str], first_file: Path, coeffs: list[float]) -> None:
+                  names: list[str], coeffs: list[float]) -> None:
     """Refuse an output that is not what the float64 reference gives (overflow, NaN); see offline._check_finite.
 
-    ``ins[k]`` holds ``in_sts[k]`` data from the input ``names[k]`` (a checkpoint directory or a delta source).
+    ``ins[k]`` holds ``in_sts[k]`` data from ``names[k]`` (the weight file, or a delta source).
     """
     signed, unsigned, threshold = _NONFINITE[out_st]
     sign = np.iinfo(unsigned).max ^ np.iinfo(signed).max  # the sign bit
     if out.view(signed).max() < threshold and out.view(unsigned).max() < sign + threshold:
         return
-    where = f"key {key!r} (in {first_file} and {len(ins) - 1} more input(s))"
+    where = f"key {key!r} (in {names[0]} and {len(ins) - 1} more input(s))"
     xs = [_decode(x, st) for x, st in zip(ins, in_sts)]
     for name, x in zip(names, xs):
         if np.isnan(x).any():

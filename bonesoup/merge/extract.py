@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 
 from .checkpoint import CheckpointDir, validate_compatible
+from .cpu_merge import check_output_dir
 from .lora import LoraAdapter, LoraModule
 
 __all__ = ["EXTRACT_REPORT_NAME", "LinearLayer", "Extraction", "linear_layers", "extract_lora", "format_report"]
@@ -212,12 +213,7 @@ def extract_lora(backbone: str | os.PathLike, sft: str | os.PathLike, rank: int,
     if isinstance(exclude_modules, str):
         exclude_modules = [exclude_modules]
     if out_dir is not None:
-        out = Path(out_dir)
-        for p in (backbone, sft):
-            if out.exists() and Path(p).exists() and Path(p).resolve().is_relative_to(out.resolve()):
-                raise ValueError(f"out_dir {out} is or contains the input {p}; write the adapter somewhere else")
-        if out.exists() and not force:
-            raise FileExistsError(f"output directory {out} already exists; pass force=True (--force) to replace it")
+        check_output_dir(out_dir, [backbone, sft], force)
     bb, base = CheckpointDir(backbone), CheckpointDir(sft)
     validate_compatible([bb, base])
     layers, kinds, module_names = linear_layers(base.config, exclude=exclude_modules)

@@ -19,41 +19,57 @@ __all__ = ["ShardStream", "Progress"]
 class ShardStream:
     """Appends batches to their shard files on a thread, one batch behind the merge.
 
-    The queue holds one batch, so at most two batches of output are alive (the
-    one being written, the one just merged). A write error is raised in the
-    merging thread at its next :meth:`put` or at :meth:`finish`.
+    At most two batches of output are alive: the one being written and the
+    one being merged. The merging thread calls :meth:`reserve` before it
+    allocates a batch's outputs; that waits until the writer has finished
+    (and dropped) the batch before the previous one. A write error is raised
+    in the merging thread at its next :meth:`reserve` / :meth:`put` or at :meth:`finish`.
     """
+
+    #: Batches of output alive at once: one written while the next is merged.
+    BATCHES_ALIVE = 2
 
     def __init__(self, tmp: Path, stats: dict, bar):
         self._tmp, self._stats, self._bar = tmp, stats, bar
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots, not by the queue
+        self._slots = threading.Semaphore(self.BATCHES_ALIVE)
         self._error: BaseException | None = None
         self._writer: ShardWriter | None = None
         self._thread = threading.Thread(target=self._run, name="bonesoup-shard-writer", daemon=True)
         self._thread.start()
 
+    def _write(self, batch, outs: list[np.ndarray]) -> None:
+        """One batch into its shard (a function, so no reference to its arrays outlives the call)."""
+        if self._writer is None or self._writer.layout is not batch.layout:
+            if self._writer is not None:
+                self._writer.close()
+            self._writer = ShardWriter(self._tmp / batch.layout.name, batch.layout)
+        for key, data in zip(batch.keys, outs):
+            self._writer.write_bytes(key, data)
+        written = sum(o.nbytes for o in outs)
+        self._stats["bytes_written"] += written
+        self._bar.update(written)
+
     def _run(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                batch, outs = item
-                if self._writer is None or self._writer.layout is not batch.layout:
-                    if self._writer is not None:
-                        self._writer.close()
-                    self._writer = ShardWriter(self._tmp / batch.layout.name, batch.layout)
-                for key, data in zip(batch.keys, outs):
-                    self._writer.write_bytes(key, data)
-                written = sum(o.nbytes for o in outs)
-                self._stats["bytes_written"] += written
-                self._bar.update(written)
-                del item, outs
+                self._write(*item)
+                del item  # the batch's arrays are freed here, before its slot is given back
+                self._slots.release()
             if self._writer is not None:
                 self._writer.close()
         except BaseException as exc:  # handed to the merging thread
             self._error = exc
             if self._writer is not None:
                 self._writer.abort()
-            while self._queue.get() is not None:  # drain, so put() never blocks on a dead writer
+            self._slots.release()  # wake a merging thread waiting in reserve(): it raises
+            while self._queue.get() is not None:  # drain until finish() / abort()
                 pass
+
+    def reserve(self) -> None:
+        """Wait until a batch's outputs may be allocated (fewer than BATCHES_ALIVE batches alive)."""
+        self._slots.acquire()
+        self._raise()
 
     def _raise(self) -> None:
         if self._error is not None:
