@@ -61,7 +61,8 @@ from .safetensors_file import ST_ITEMSIZE, TensorInfo, dtype_label
 from .shard_stream import Progress, ShardStream
 
 __all__ = ["MERGE_BATCH_BYTES", "FLOAT32_MAX", "MergeInput", "DeltaSource", "check_deltas",
-           "check_float32_coefficients", "check_output_dir", "preference_inputs", "merge_checkpoints_cpu", "merge_weighted_cpu"]
+           "check_float32_coefficients", "check_output_dir", "preference_inputs", "merge_checkpoints_cpu",
+           "merge_weighted_cpu"]
 
 log = logging.getLogger(__name__)
 
