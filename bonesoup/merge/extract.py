@@ -142,6 +142,19 @@ def _rel(num: float, den: float) -> float:
     return 0.0 if num == 0.0 else (num / den if den > 0.0 else math.inf)
 
 
+def _change(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float, float]:
+    """``(||x - y||_F, ||y||_F, max |x - y|)`` in float64, in chunks (an embedding in float64 would not fit)."""
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    d2 = y2 = top = 0.0
+    for i in range(0, xf.numel(), chunk):
+        a, b = xf[i:i + chunk].double(), yf[i:i + chunk].double()
+        d = a - b
+        d2 += float(d.square().sum())
+        y2 += float(b.square().sum())
+        top = max(top, float(d.abs().max()))
+    return math.sqrt(d2), math.sqrt(y2), top
+
+
 def _svd_factors(D: torch.Tensor, rank: int, svd: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """B [out, r], A [r, in] in ``dtype`` with B @ A the rank-r truncation of D [out, in] float64 (sqrt(S) split)."""
     if svd == "full":
@@ -248,9 +261,7 @@ def extract_lora(backbone: str | os.PathLike, sft: str | os.PathLike, rank: int,
                 continue
             x, y = read(bb, key), read(base, key)
             if x.is_floating_point():
-                d = x.double() - y.double()
-                change, ref = float(torch.linalg.vector_norm(d)), float(torch.linalg.vector_norm(y.double()))
-                max_abs = float(d.abs().max()) if d.numel() else 0.0
+                change, ref, max_abs = _change(x, y)
             else:  # integer / bool buffers: equal or not
                 change = ref = max_abs = 0.0 if torch.equal(x, y) else 1.0
             dense.append({"key": key, "kind": kinds.get(key, "buffer (not a parameter)"),
