@@ -147,6 +147,17 @@ def test_mergekit_yaml_with_adapter_entries(setup, tmp_path, capsys):
         s = sft_w[key].double()
         exact = s + 0.5 * (fulls[0][key].double() - s) - 0.2 * (fulls[1][key].double() - s)
         _close_to(w, sk.merge([sft_w[key], fulls[0][key], fulls[1][key]], [0.7, 0.5, -0.2]), exact, key)
+    # bone_soup in mergekit's schema: plain adapter directories as the backbones, the SFT named once.
+    rc, out, err = _run_yaml(tmp_path / "bone", {"merge_method": "bone_soup", "sft": str(sft),
+                                                 "parameters": {"beta": BETA, "alpha": 0.2}, "models": [
+        {"model": str(d), "parameters": {"preference": m}} for d, m in zip(dirs, (0.4, 0.6))]}, capsys)
+    assert rc == 0, err
+    report = json.loads((out / "bonesoup-merge.json").read_text())
+    assert len(report["inputs"]) == 1 and report["inputs"][0]["coefficient"] == pytest.approx(1.0)
+    c, c_sft = merge_coefficients([0.4, 0.6], method="bone", beta=BETA, alpha=0.2)
+    for key, w in weights(out).items():
+        exact = sum(cj * f[key].double() for cj, f in zip(c, fulls)) + c_sft * sft_w[key].double()
+        _close_to(w, sk.merge([f[key] for f in fulls] + [sft_w[key]], [*c, c_sft]), exact, key)
 
 
 def test_bad_inputs_are_named(setup, tmp_path, capsys):
