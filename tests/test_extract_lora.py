@@ -134,6 +134,8 @@ def test_untied_head_mixes_layer_kinds_and_can_be_excluded(tmp_path):
         extract_lora(bb, sft, 4, progress=False, exclude_modules=["lm_head"])
     rep = extract_lora(bb, sft, 4, progress=False, exclude_modules=["lm_head"], allow_dense_drift=True).report
     assert {d["key"] for d in rep["dense"] if d["rel_change"] > 0} == {"lm_head.weight"}
+    with pytest.raises(ValueError, match=r"exclude_modules \['lm_haed'\] match no linear module"):
+        extract_lora(bb, sft, 4, progress=False, exclude_modules=["lm_head", "lm_haed"])
 
 
 def test_cli_prints_the_table_writes_atomically_and_names_bad_inputs(tmp_path, capsys):

@@ -117,16 +117,22 @@ def linear_layers(config: dict, *, exclude: Sequence[str] = ()) -> tuple[dict[st
     model = _skeleton(config)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied_out = out_emb if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight else None
-    layers, kinds, names = {}, {}, []
+    layers, kinds, names, hit = {}, {}, [], set()
     for name, module in model.named_modules():
         names.append(name)
         is_linear = isinstance(module, (torch.nn.Linear, Conv1D)) and module is not tied_out
+        if is_linear:
+            hit.update(e for e in exclude if _matches(name, [e]))
         for pname, _ in module.named_parameters(recurse=False):
             key = f"{name}.{pname}" if name else pname
             if is_linear and pname == "weight" and not _matches(name, exclude):
                 layers[key] = LinearLayer(name, type(module).__name__, isinstance(module, Conv1D))
             else:
                 kinds[key] = f"{type(module).__name__}.{pname}" + (" (tied lm_head)" if module is tied_out else "")
+    unknown = [e for e in exclude if e not in hit]
+    if unknown:
+        raise ValueError(f"exclude_modules {unknown} match no linear module of the model (a typo?); its linear "
+                         f"modules end in {sorted({layer.module.rsplit('.', 1)[-1] for layer in layers.values()})}")
     return layers, kinds, names
 
 
