@@ -145,8 +145,12 @@ class LoraAdapter:
         """``{"<module>.weight": delta}`` in each layer's own layout, scaling folded in."""
         return {f"{name}.weight": m.delta(self.fan_in_fan_out, dtype) for name, m in self.modules.items()}
 
-    def save(self, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out_dir``."""
+    def save(self, out_dir: str | os.PathLike, *, force: bool = False, extra_files: dict[str, str] | None = None
+             ) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``out_dir``.
+
+        ``extra_files`` (file name -> text, e.g. an extraction report) are written in the same atomic step.
+        """
         from safetensors.torch import save_file
 
         from bonesoup.merge.atomic_dir import atomic_output_dir
@@ -156,11 +160,14 @@ class LoraAdapter:
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.B.contiguous()
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes += sum(len(text.encode()) for text in (extra_files or {}).values())
         with atomic_output_dir(out_dir, force=force, required_bytes=nbytes + 65536) as tmp:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
             if self.provenance is not None:  # beside, not inside, the config: peft reads that one strictly
                 (tmp / "bonesoup-mixture.json").write_text(json.dumps(self.provenance, indent=2) + "\n")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         self.path = Path(out_dir)
         return self.path
 
