@@ -33,8 +33,8 @@ from .methods import get_merge_method
 
 __all__ = ["ADAPTER_CONFIG", "is_adapter_dir", "AdapterDeltas", "merge_adapters_cpu", "merge_as_adapter"]
 
-#: peft's marker file: the one test for "this input is an adapter" (bonesoup.merge.lora.ADAPTER_CONFIG,
-#: repeated here because that module imports torch).
+#: peft's marker file: the one test for "this input is an adapter" (bonesoup.merge.lora re-exports it;
+#: it lives here because that module imports torch).
 ADAPTER_CONFIG = "adapter_config.json"
 
 

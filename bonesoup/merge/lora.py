@@ -30,6 +30,10 @@ from typing import Sequence
 
 import torch
 
+# The marker file and its test live in the torch-free module, so `bonesoup merge` can tell adapters apart
+# without importing torch; this module re-exports them.
+from bonesoup.merge.adapter_merge import ADAPTER_CONFIG, is_adapter_dir
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -42,7 +46,6 @@ __all__ = [
     "mixture_adapter",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: peft's prefix of every saved adapter key (``PeftModel.base_model.model.<module>``).
 _PREFIX = "base_model.model."
@@ -61,11 +64,6 @@ _REFUSED = {
     "alora_invocation_tokens": (None,),
     "target_parameters": (None, []),
 }
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding a peft adapter (``adapter_config.json``)."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def _pattern_value(patterns: dict, module: str, default):
