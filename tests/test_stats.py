@@ -112,3 +112,64 @@ def test_describe_and_paired_comparison():
     s = describe([1.0, 2.0, 4.0])
     assert s["n"] == 3 and s["mean"] == pytest.approx(7 / 3) and s["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert s["ci"][0] <= s["mean"] <= s["ci"][1]
+
+
+def _synthetic_results(cfg, seed=0):
+    """per_seed results of every method of ``cfg`` as evaluate_seed writes them (made up, no models)."""
+    from bonesoup.eval.experiment import preference_grid
+
+    rng = np.random.default_rng(seed)
+    prefs = preference_grid(cfg.points)
+    out = {}
+    for s in cfg.seeds:
+        pts = {m: (prefs * (1.0 + 0.1 * k) + rng.normal(0, 0.02, prefs.shape)).tolist()
+               for k, m in enumerate(m for m in cfg.methods() if m != "morlhf")}
+        out[s] = {"points": pts, "morlhf": {"0.0": [0.1, 1.0], "0.5": [0.55, 0.5], "1.0": [1.0, 0.1]},
+                  "sft": (rng.normal(0.3, 0.01, 2)).tolist()}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["union", "sft"])
+def test_experiment_summary_reports_sample_std_cis_and_paired_tests(mode, tmp_path):
+    from bonesoup.eval.experiment import ExperimentConfig, format_table, preference_grid, summarize
+    from bonesoup.eval.experiment_eval import plot_pareto
+    from bonesoup.eval.metrics import hypervolume
+
+    cfg = ExperimentConfig(seeds=(0, 1, 2), points=4, reference_point=mode)
+    per_seed = _synthetic_results(cfg)
+    s = summarize(cfg, per_seed)
+    ref = np.asarray(s["reference_point"])
+    if mode == "sft":
+        np.testing.assert_allclose(ref, np.mean([r["sft"] for r in per_seed.values()], 0), rtol=0, atol=1e-15)
+    assert s["reference_point_mode"] == mode
+    for m, v in s["methods"].items():
+        if m == "morlhf":
+            continue
+        hv = [hypervolume(np.asarray(r["points"][m]), ref) for r in per_seed.values()]
+        assert v["hypervolume"] == pytest.approx(hv, rel=1e-12)
+        assert v["hv_std"] == pytest.approx(np.std(hv, ddof=1), rel=1e-12)
+        assert v["hv_ci"] == list(bootstrap_ci(hv, confidence=0.95, resamples=10_000, seed=0))
+        eps = 1e-12  # the mean of three equal values may round by an ulp
+        assert min(hv) - eps <= v["hv_ci"][0] <= v["hv_mean"] <= v["hv_ci"][1] <= max(hv) + eps
+    c = s["comparisons"]["bone_soup > rewarded_soup"]
+    # The synthetic Bone Soup sweep is 10% further out at every point of every seed.
+    assert c["seeds_won"] == 3 and c["hv"]["p_sign_flip"] == 0.25 and c["hv"]["p_exact"]
+    prefs = preference_grid(4)
+    d = [np.sum(prefs * (np.asarray(r["points"]["bone_soup"]) - np.asarray(r["points"]["rewarded_soup"])), 1)
+         for r in per_seed.values()]
+    w = c["weighted_reward"]
+    assert w["n"] == 12 and w["mean_difference"] == pytest.approx(np.mean(d), rel=1e-12) and w["ci"][0] > 0
+    assert w["p_wilcoxon"] == pytest.approx(2 / 2**12) and w["p_sign_flip"] == pytest.approx(2 / 2**12)
+    assert "weighted_reward" not in s["comparisons"].get("morlhf > bone_soup", {})
+    table = format_table(cfg, s)
+    assert f"[{c['hv']['ci'][0]:.4f}, {c['hv']['ci'][1]:.4f}]" in table
+    assert f"Reference point ({mode})" in table and "ddof 1" in table
+    assert sum(1 for line in table.splitlines() if line.startswith("| ") and "+-" in line) == len(cfg.methods())
+    assert plot_pareto(cfg, s, per_seed, tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_experiment_config_checks_the_reference_point_mode():
+    from bonesoup.eval.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match="reference_point must be 'union' or 'sft'"):
+        ExperimentConfig(reference_point="origin").check()

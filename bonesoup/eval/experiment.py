@@ -79,6 +79,9 @@ class ExperimentConfig:
     temperature: float = 1.0
     max_new_tokens: int = 20
     hv_margin: float = 0.01
+    #: Hypervolume reference point: "union" (every evaluated point's minimum minus hv_margin) or "sft"
+    #: (the SFT model's mean rewards: fixed, whichever methods are compared).
+    reference_point: str = "union"
     #: Chunk-level search (MAGE explicit, K candidates of L tokens scored by the merged value model); 0 = off.
     search_candidates: int = 0
     search_chunk_tokens: int = 4
@@ -105,6 +108,8 @@ class ExperimentConfig:
         if len(set(self.rewards)) != len(self.rewards):
             raise ValueError(f"rewards: each objective once, got {list(self.rewards)}")
         validate_beta(self.beta, "beta")
+        if self.reference_point not in ("union", "sft"):
+            raise ValueError(f"reference_point must be 'union' or 'sft', got {self.reference_point!r}")
         if self.seed_mode not in ("train", "sample"):
             raise ValueError(f"seed_mode must be 'train' or 'sample', got {self.seed_mode!r}")
         if not self.seeds:
