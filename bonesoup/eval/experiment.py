@@ -20,8 +20,10 @@ the same held-out prompts with the same random numbers:
    models), and MORLHF at its trained preferences;
 5. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
-   every method and seed, minus a margin), controllability (Spearman of mu_i
-   with r_i), mean +- std over seeds; a table, a Pareto plot and JSON.
+   every method and seed, minus a margin; or, ``reference_point="sft"``, the
+   SFT model's mean rewards), controllability (Spearman of mu_i with r_i),
+   mean +- sample std, bootstrap CIs and paired tests over seeds
+   (:mod:`bonesoup.eval.stats`); a table, a Pareto plot and JSON.
 
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything

@@ -11,8 +11,9 @@ One :meth:`PPOTrainer.step` is the numbered sequence of CleanRL's ``ppo.py``:
    of epoch 0 (so the first minibatch sees ratio 1 and approximate KL 0);
 6. per-token KL penalty, score on the last real token, GAE, whitening;
 7. several epochs over shuffled minibatches with gradient accumulation,
-   clipped surrogate + clipped value loss, grad-norm clipping;
-8. statistics and the KL-coefficient update.
+   clipped surrogate + clipped value loss, grad-norm clipping (optionally
+   stopped early when the approximate KL to the rollout policy grows too large);
+8. statistics and the KL-coefficient update (fixed, or adaptive: Ziegler et al.).
 
 Data parallel: under ``torchrun`` every process samples and scores its slice
 of the global batch, then all of them hold the whole (small) rollout tensors,
@@ -418,15 +419,12 @@ class PPOTrainer:
         (one line of statistics per step, written as training goes),
         ``train_log.png`` and ``bonesoup-train.json`` (config, metadata, time).
 
-        With ``config.save_every = N > 0`` the main process writes a training
-        checkpoint (:mod:`~bonesoup.train.ppo.training_state`) every N steps
-        under ``config.checkpoint_dir`` (default ``<out_dir>.checkpoints``),
-        keeping only the newest; they are removed once ``out_dir`` is in
-        place. ``resume=True`` continues from the newest complete one there
-        (none: from step 0): the result is the uninterrupted run's. A
-        checkpoint written with other settings (``config.run_settings()``),
-        prompts, reward, trainable parameters or ``metadata`` is refused,
-        naming the field.
+        ``config.save_every = N > 0``: the main process writes a training checkpoint
+        (:mod:`~bonesoup.train.ppo.training_state`) every N steps under ``config.checkpoint_dir``
+        (default ``<out_dir>.checkpoints``), keeping the newest; they are removed once ``out_dir`` is
+        in place. ``resume=True`` continues from the newest complete one (none: from step 0), with the
+        uninterrupted run's result; one of a run with other settings (``config.run_settings()``),
+        prompts, reward, trainable parameters or ``metadata`` is refused, naming the field.
 
         Returns the per-step statistics of every step (restored ones included).
         """
@@ -444,12 +442,10 @@ class PPOTrainer:
         description = ts.run_description(self, metadata) if ckpt_root is not None else None
         records: list[dict] = []
         write = out_dir is not None and self.dist.is_main
-        if write:
-            from bonesoup.merge.checkpoint import atomic_output_dir
+        from bonesoup.merge.checkpoint import atomic_output_dir
 
-            ctx = atomic_output_dir(out_dir, force=force)  # refuses an existing output before any training
-        else:
-            ctx = nullcontext(None)
+        # Refuses an existing output before any training.
+        ctx = atomic_output_dir(out_dir, force=force) if write else nullcontext(None)
         t0 = time.perf_counter()
         with ctx as tmp:
             latest = ts.latest_checkpoint(ckpt_root) if resume else None
@@ -492,11 +488,9 @@ class PPOTrainer:
     def save_policy(self, out_dir: str | os.PathLike) -> None:
         """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``.
 
-        A LoRA policy is saved with its adapters merged into the base weights
-        (:func:`~bonesoup.train.ppo.policy.merged_lora_state_dict`: no copy of
-        the model, the base left as it was): a full checkpoint with the SFT
-        model's keys, which is what the merges (``merge_checkpoints``,
-        ``LiveSoup``) combine.
+        A LoRA policy is saved with its adapters merged into the base weights (no copy of the model,
+        the base left as it was: :func:`~bonesoup.train.ppo.policy.merged_lora_state_dict`): a full
+        checkpoint with the SFT model's keys, which the merges (``merge_checkpoints``, ``LiveSoup``) combine.
         """
         if self.lora:
             from .policy import merged_lora_state_dict
