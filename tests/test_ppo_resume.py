@@ -65,20 +65,22 @@ def _interrupt_at(monkeypatch, step_index):
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(task_sft, tmp_path, monkeypatch):
     ref = _trainer(task_sft, adaptive_kl=True, target_kl=0.05, kl_horizon=50)
-    ref_records = ref.train(5, out_dir=tmp_path / "ref", progress=False)
+    ref_records = ref.train(4, out_dir=tmp_path / "ref", progress=False)
 
     real = _interrupt_at(monkeypatch, 3)
     crashed = _trainer(task_sft, adaptive_kl=True, target_kl=0.05, kl_horizon=50, save_every=2)
     with pytest.raises(SimulatedCrash):
-        crashed.train(5, out_dir=tmp_path / "run", progress=False)
+        crashed.train(4, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # no half-written output
     root = tmp_path / "run.checkpoints"
     assert [p.name for p in ts.complete_checkpoints(root)] == ["step-00000002"]
-    monkeypatch.setattr(PPOTrainer, "step", real)
+    ran = []
+    monkeypatch.setattr(PPOTrainer, "step", lambda self: ran.append(self.step_index) or real(self))
 
     resumed = _trainer(task_sft, adaptive_kl=True, target_kl=0.05, kl_horizon=50, save_every=2)
-    records = resumed.train(5, out_dir=tmp_path / "run", progress=False, resume=True)
-    assert resumed.step_index == 5 and [r["step"] for r in records] == list(range(5))
+    records = resumed.train(4, out_dir=tmp_path / "run", progress=False, resume=True)
+    assert ran == [2, 3]  # only the steps after the checkpoint ran again
+    assert resumed.step_index == 4 and [r["step"] for r in records] == list(range(4))
     _assert_same_output(tmp_path / "ref", tmp_path / "run")
     assert _untimed(records) == _untimed(ref_records)
     # The value head, the optimiser's moments and the KL controller continue exactly too.
@@ -140,6 +142,7 @@ def test_resume_after_sigkill_through_the_cli_equals_the_uninterrupted_run(task_
     assert main([*common, "--save-every", "2", "--out", str(out), "--resume"]) == 0
     assert main([*common, "--out", str(tmp_path / "ref")]) == 0
     _assert_same_output(tmp_path / "ref", out)
+    assert json.loads((out / "bonesoup-train.json").read_text())["resumed_from"].endswith("step-00000002")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "ref"]  # leftovers cleaned, checkpoints gone
 
 
@@ -156,6 +159,7 @@ def test_lora_resume_equals_the_uninterrupted_run(task_sft, tmp_path, monkeypatc
     monkeypatch.setattr(PPOTrainer, "step", real)
     train_checkpoint(task_sft, tmp_path / "run", config=PPOConfig(**SMALL, steps=3, save_every=1), resume=True, **kw)
     _assert_same_output(tmp_path / "ref", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "bonesoup-train.json").read_text())["resumed_from"].endswith("step-00000002")
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_the_field(task_sft, tmp_path, monkeypatch):
