@@ -293,3 +293,20 @@ def test_lora_save_merges_without_copying_the_model_and_leaves_the_base_untouche
     adapted = {n.rsplit(".lora_A", 1)[0] + ".weight" for n, _ in lora.get_base_model().named_parameters()
                if ".lora_A." in n}
     assert new and set(new) == adapted
+
+
+def test_train_all_resume_skips_the_models_already_written(task_sft, tmp_path, capsys):
+    from bonesoup.cli import main
+
+    args = ["train-all", "--sft", str(task_sft), "--beta", "0.7", "--steps", "1", "--batch-size", "16",
+            "--mini-batch-size", "8", "--epochs", "1", "--max-new-tokens", "6", "--no-progress",
+            "--out", str(tmp_path / "all")]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "all" / "train-all.json").read_text())
+    stamp = (tmp_path / "all" / "backbone-0" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err  # without --resume: refused
+    assert main([*args, "--resume"]) == 0
+    assert (tmp_path / "all" / "backbone-0" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    again = json.loads((tmp_path / "all" / "train-all.json").read_text())
+    assert {k: v["final_score"] for k, v in again["models"].items()} == \
+        {k: v["final_score"] for k, v in first["models"].items()}
