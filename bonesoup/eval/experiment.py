@@ -20,8 +20,10 @@ the same held-out prompts with the same random numbers:
    models), and MORLHF at its trained preferences;
 5. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
-   every method and seed, minus a margin), controllability (Spearman of mu_i
-   with r_i), mean +- std over seeds; a table, a Pareto plot and JSON.
+   every method and seed, minus a margin; or, ``reference_point="sft"``, the
+   SFT model's mean rewards), controllability (Spearman of mu_i with r_i),
+   mean +- sample std, bootstrap CIs and paired tests over seeds
+   (:mod:`bonesoup.eval.stats`); a table, a Pareto plot and JSON.
 
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything
@@ -79,6 +81,9 @@ class ExperimentConfig:
     temperature: float = 1.0
     max_new_tokens: int = 20
     hv_margin: float = 0.01
+    #: Hypervolume reference point: "union" (every evaluated point's minimum minus hv_margin) or "sft"
+    #: (the SFT model's mean rewards: fixed, whichever methods are compared).
+    reference_point: str = "union"
     #: Chunk-level search (MAGE explicit, K candidates of L tokens scored by the merged value model); 0 = off.
     search_candidates: int = 0
     search_chunk_tokens: int = 4
@@ -105,6 +110,8 @@ class ExperimentConfig:
         if len(set(self.rewards)) != len(self.rewards):
             raise ValueError(f"rewards: each objective once, got {list(self.rewards)}")
         validate_beta(self.beta, "beta")
+        if self.reference_point not in ("union", "sft"):
+            raise ValueError(f"reference_point must be 'union' or 'sft', got {self.reference_point!r}")
         if self.seed_mode not in ("train", "sample"):
             raise ValueError(f"seed_mode must be 'train' or 'sample', got {self.seed_mode!r}")
         if not self.seeds:
