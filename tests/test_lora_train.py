@@ -153,3 +153,61 @@ def test_experiment_on_lora_backbones(task_sft, tmp_path):  # noqa: F811
     assert coeffs == mu
     for i in range(2):
         assert_same(models[i], merged_model("experts", np.eye(2)[i], 0.0), f"mod expert {i}")
+
+
+def _tiny_adapter(tmp_path, base_dir=None):
+    """A random rank-2 peft adapter on a tiny GPT-2 (saved under tmp_path/base unless base_dir is given)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16))
+    if base_dir is None:
+        base_dir = tmp_path / "base"
+        base.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM"))
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", base_dir
+
+
+def test_load_policy_refuses_an_adapter_without_its_base(tmp_path):
+    from bonesoup.train.ppo.checkpoint_training import load_policy
+
+    adapter, _ = _tiny_adapter(tmp_path, base_dir=tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json: its base .*gone.* is not a checkpoint"):
+        load_policy(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no base_model_name_or_path"):
+        load_policy(adapter)
+    with pytest.raises(FileNotFoundError, match="nor a peft adapter"):
+        load_policy(tmp_path)
+
+
+def test_merged_weights_is_base_plus_delta_and_names_mismatches(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bonesoup.lora import load_adapter, merged_weights
+
+    adapter_dir, base_dir = _tiny_adapter(tmp_path)
+    adapter = load_adapter(adapter_dir)
+    for m in adapter.modules.values():  # peft starts B at zero: give the delta something to show
+        m.B = torch.randn(m.B.shape, generator=torch.Generator().manual_seed(3))
+    state = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    got = merged_weights(adapter, state)
+    assert set(got) == {f"{name}.weight" for name in adapter.modules}
+    for name, w in got.items():
+        want = state[name].double() + adapter.weight_deltas()[name]
+        assert w.dtype == state[name].dtype and w.data_ptr() != state[name].data_ptr()
+        torch.testing.assert_close(w.double(), want, rtol=0, atol=1e-6)
+    bad = dict(state)
+    key = next(iter(got))
+    bad[key] = bad[key][:, :-1]
+    with pytest.raises(ValueError, match=f"{key!r} has shape"):
+        merged_weights(adapter, bad)
+    del bad[key]
+    with pytest.raises(ValueError, match="which the base model does not have"):
+        merged_weights(adapter, bad)
