@@ -26,7 +26,10 @@ the same held-out prompts with the same random numbers:
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything
 it depends on (SFT fingerprint, rewards, weights, PPO settings, seed); a rerun
-finds them and only evaluates. The methods are a table
+finds them and only evaluates. With ``lora_rank`` (``--lora-rank R``) the
+PPO-trained policies are LoRA adapters of the SFT model and the merged
+methods decode through :class:`~bonesoup.lora.AdapterSoup` (the exact
+low-rank merge, no re-merge). The methods are a table
 (:mod:`bonesoup.eval.experiment_methods`); tuning, the sweep, the summary,
 the table and the plot live in :mod:`bonesoup.eval.experiment_eval`. This
 module holds the configuration, its checks, the driver and the command line.
