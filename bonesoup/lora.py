@@ -11,8 +11,9 @@ from bonesoup.merge.lora import (
     is_adapter_dir,
     load_adapter,
     load_adapters,
+    merged_weights,
     mixture_adapter,
 )
 
 __all__ = ["AdapterSoup", "adapter_soup_of", "LoraAdapter", "LoraModule", "check_compatible", "is_adapter_dir",
-           "load_adapter", "load_adapters", "mixture_adapter"]
+           "load_adapter", "load_adapters", "merged_weights", "mixture_adapter"]

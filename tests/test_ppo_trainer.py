@@ -276,7 +276,7 @@ def test_gpu_settings_bf16_autocast_and_gradient_checkpointing_run_on_cpu(task_s
     assert next(tr.policy.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
 
 
-def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weights(task_sft, tmp_path):
+def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_the_adapter(task_sft, tmp_path):
     pytest.importorskip("peft", reason="LoRA is the optional peft extra")  # pinned in requirements-dev.txt
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -291,7 +291,7 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weig
     assert tr.ref_model is None  # no copy: the base with adapters disabled is the reference
     trainable = {n for n, p in tr.module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
-    records = tr.train(3, out_dir=tmp_path / "lora", progress=False)
+    records = tr.train(3, out_dir=tmp_path / "lora", progress=False, save_merged=True)
     assert records[0]["kl"] == 0.0 and records[2]["kl"] != 0.0
     r = tr.last_rollout
     # The reference log-probs are the SFT model's.
@@ -305,11 +305,14 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference_and_saves_full_weig
                                    r["response"], 1.0)
     m = r["response_mask"].bool()
     torch.testing.assert_close(r["ref_logprobs"][m], ref[m], rtol=1e-5, atol=1e-5)
-    # Saved: the SFT model's keys, adapters merged in (weights moved), loadable as a plain causal LM.
-    with safe_open(tmp_path / "lora" / "model.safetensors", "pt") as f:
+    # Saved: the peft adapter; with save_merged also lora/merged: the SFT model's keys, adapters merged in
+    # (weights moved), loadable as a plain causal LM.
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "lora" / "model.safetensors").exists()
+    with safe_open(tmp_path / "lora" / "merged" / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         moved = max(float((f.get_tensor(k) - sft_state[k]).abs().max()) for k in keys)
     with safe_open(task_sft / "model.safetensors", "pt") as g:
         assert keys == set(g.keys())
     assert moved > 0
-    AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged")

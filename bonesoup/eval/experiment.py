@@ -28,7 +28,10 @@ the same held-out prompts with the same random numbers:
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything
 it depends on (SFT fingerprint, rewards, weights, PPO settings, seed); a rerun
-finds them and only evaluates. The methods are a table
+finds them and only evaluates. With ``lora_rank`` (``--lora-rank R``) the
+PPO-trained policies are LoRA adapters of the SFT model and the merged
+methods decode through :class:`~bonesoup.lora.AdapterSoup` (the exact
+low-rank merge, no re-merge). The methods are a table
 (:mod:`bonesoup.eval.experiment_methods`); tuning, the sweep, the summary,
 the table and the plot live in :mod:`bonesoup.eval.experiment_eval`. This
 module holds the configuration, its checks, the driver and the command line.
@@ -88,6 +91,8 @@ class ExperimentConfig:
     search_candidates: int = 0
     search_chunk_tokens: int = 4
     threads: int | None = None
+    #: LoRA rank of the PPO-trained policies (backbones, experts, MORLHF oracles); None = full fine-tuning.
+    lora_rank: int | None = None
 
     def methods(self) -> tuple:
         """Names of the methods this configuration evaluates, in table order."""
@@ -132,6 +137,9 @@ class ExperimentConfig:
             raise ValueError(f"search_candidates must be an integer >= 0 (0 = off), got {self.search_candidates!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
+            raise ValueError(f"lora_rank must be a positive integer or None (full fine-tuning), got {self.lora_rank!r}")
         n_train = len(task_prompts("train"))
         if self.val_prompts > n_train:
             raise ValueError(f"val_prompts must be at most the {n_train} training prompts, got {self.val_prompts}")

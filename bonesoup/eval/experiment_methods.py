@@ -114,6 +114,29 @@ def preference_grid(points: int) -> np.ndarray:
     return np.stack([m, 1.0 - m], axis=1)
 
 
+class _AdapterGuide:
+    """MAGE implicit's guide over LoRA experts: their mixture at ``mu`` on an SFT copy, against the SFT.
+
+    The adapter counterpart of ``ValueSoup(experts, kind="implicit")``: the
+    same ``set_preference`` / ``guidance`` / ``model``, with the experts'
+    merge ``W + sum_i mu_i D_i`` applied by an :class:`~bonesoup.lora.AdapterSoup`.
+    """
+
+    def __init__(self, model, experts: Sequence, *, ref):
+        from bonesoup.decode.values import implicit_guidance
+        from bonesoup.merge.adapter_soup import AdapterSoup
+
+        self.soup = AdapterSoup(model, experts, method="rewarded")
+        self.model, self.ref = model, ref
+        self.guidance = implicit_guidance(model, ref)
+
+    def set_preference(self, preference) -> list[float]:
+        return self.soup.set_preference(preference)
+
+    def set_coefficients(self, coefficients) -> None:
+        self.soup.set_coefficients(coefficients)
+
+
 class LiveModels:
     """The live merged models of one training seed, which the methods' ``decode`` set and read.
 
@@ -122,30 +145,54 @@ class LiveModels:
     beta : Bone Soup's backbone mixing strength.
     sft : the SFT checkpoint directory (reference of MAGE implicit, input of the extrapolation).
     backbones, experts, values : checkpoint directories, n each (Bone Soup's backbones, the
-        one-reward experts, the explicit value models).
+        one-reward experts, the explicit value models). Backbones and experts may be LoRA adapter
+        directories of the SFT model: their merges are then exact mixtures applied by AdapterSoups
+        (no re-merge of weights), MOD's and MORLHF's models the adapters merged into SFT copies.
     """
 
     def __init__(self, beta: float, sft: Path, backbones: Sequence, experts: Sequence, values: Sequence):
         from bonesoup.decode.values import ValueSoup
+        from bonesoup.merge.lora import is_adapter_dir
         from bonesoup.merge.live import LiveSoup
         from bonesoup.train.ppo.checkpoint_training import load_policy
 
         self.beta = beta
         self.sft_model, self.tok = load_policy(sft)
-        self.bone = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
-        self.bone_ext = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
-        self.rewarded = LiveSoup(load_policy(sft)[0], experts, method="rewarded")
-        self.experts = [load_policy(e)[0] for e in experts]
+        #: LoRA backbones / experts (``ExperimentConfig.lora_rank``): their soups are AdapterSoups on the SFT model
+        self.lora_backbones = is_adapter_dir(backbones[0])
+        self.lora_experts = is_adapter_dir(experts[0])
+        if self.lora_backbones:
+            from bonesoup.merge.adapter_soup import AdapterSoup
+
+            self.bone = AdapterSoup(load_policy(sft)[0], backbones, beta=beta)
+            self.bone_ext = AdapterSoup(load_policy(sft)[0], backbones, beta=beta)
+        else:
+            self.bone = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
+            self.bone_ext = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
+        if self.lora_experts:
+            from bonesoup.merge.adapter_soup import AdapterSoup
+
+            self.rewarded = AdapterSoup(load_policy(sft)[0], experts, method="rewarded")
+            implicit = _AdapterGuide(load_policy(sft)[0], experts, ref=self.sft_model)
+        else:
+            self.rewarded = LiveSoup(load_policy(sft)[0], experts, method="rewarded")
+            implicit = ValueSoup(experts, kind="implicit", ref=self.sft_model)
+        self.experts = [load_policy(e)[0] for e in experts]  # an adapter is merged into its own SFT copy
         # MAGE implicit's guide: the experts merged with mu (ONE model) against the SFT reference.
-        self.guides = {"implicit": ValueSoup(experts, kind="implicit", ref=self.sft_model),
-                       "explicit": ValueSoup(values, kind="explicit")}
+        self.guides = {"implicit": implicit, "explicit": ValueSoup(values, kind="explicit")}
         #: per-objective extrapolation factors and guidance strengths, set by validation
         self.k = np.ones(len(backbones))
         self.w = {"implicit": 1.0, "explicit": 1.0}
 
     def set_extrapolated(self, c: np.ndarray, c_sft: float) -> None:
         """Bone Soup + extrapolation's live model: backbone coefficients ``c`` [n] and the SFT's ``c_sft``."""
-        self.bone_ext.set_coefficients([*c, c_sft])
+        if self.lora_backbones:  # the SFT's coefficient is implicit (1 - sum c): exact only when they sum to 1
+            if abs(float(np.sum(c)) + c_sft - 1.0) > 1e-9:
+                raise ValueError(f"extrapolation coefficients {list(c)} + {c_sft} do not sum to 1; LoRA "
+                                 "backbones merge exactly only when they do")
+            self.bone_ext.set_coefficients(list(c))
+        else:
+            self.bone_ext.set_coefficients([*c, c_sft])
 
     def decode_with(self, method: str | ExperimentMethod, mu, *, w: float | None = None) -> tuple[list, list]:
         """Set the live models of ``method`` for preference ``mu`` [n]; returns ``(models, coeffs)`` to decode with."""

@@ -57,13 +57,18 @@ class TrainedModels:
         c = self.cfg
         config = PPOConfig(steps=c.ppo_steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
                            max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed)
-        out = cached_model_dir(self.models, f"{name}-seed{self.seed}", {
-            **self.common, "weights": [round(float(x), 10) for x in weights], "ppo": dataclasses.asdict(config)})
-        if (out / "config.json").is_file():
+        desc = {**self.common, "weights": [round(float(x), 10) for x in weights], "ppo": dataclasses.asdict(config)}
+        if c.lora_rank is not None:  # only then: full fine-tunes keep their cache keys
+            desc["lora_rank"] = c.lora_rank
+        prefix = f"{name}-lora{c.lora_rank}" if c.lora_rank is not None else name
+        out = cached_model_dir(self.models, f"{prefix}-seed{self.seed}", desc)
+        if (out / ("adapter_config.json" if c.lora_rank is not None else "config.json")).is_file():
             return out
-        _log(f"training {out.name} (weights {np.round(np.asarray(weights, float), 4).tolist()})")
+        _log(f"training {out.name} (weights {np.round(np.asarray(weights, float), 4).tolist()}"
+             + (f", LoRA rank {c.lora_rank})" if c.lora_rank is not None else ")"))
         train_checkpoint(self.sft, out, rewards=list(c.rewards), weights=weights, prompts=self.prompts,
-                         config=config, progress=self.progress, metadata={"combination": name, "seed": self.seed})
+                         config=config, lora_rank=c.lora_rank, progress=self.progress,
+                         metadata={"combination": name, "seed": self.seed})
         self.trained.append(out.name)
         return out
 

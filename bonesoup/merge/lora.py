@@ -44,6 +44,7 @@ __all__ = [
     "load_adapters",
     "check_compatible",
     "mixture_adapter",
+    "merged_weights",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -363,4 +364,28 @@ def mixture_adapter(adapters: Sequence, coeffs, out_dir: str | os.PathLike | Non
     out = LoraAdapter(config, modules, provenance={"coefficients": c, "sources": [a.name for a in adapters]})
     if out_dir is not None:
         out.save(out_dir, force=force)
+    return out
+
+
+def merged_weights(adapter: LoraAdapter, weights) -> dict[str, torch.Tensor]:
+    """The adapted layers' merged weights ``W + delta``: ``{"<module>.weight": tensor}``, new tensors.
+
+    ``weights`` maps parameter names (``transformer.h.0.attn.c_attn.weight``)
+    to the base model's tensors (a state dict, or a callable ``name -> tensor``);
+    only the adapted layers are read and returned, each in its own dtype and
+    device, summed in float64 and rounded once. Other parameters are the base's
+    unchanged, so a caller that needs the whole merged model shares them
+    instead of copying them (peak extra memory: the adapted layers).
+    """
+    get = weights if callable(weights) else weights.__getitem__
+    out = {}
+    for name, delta in adapter.weight_deltas(torch.float64).items():
+        try:
+            w = get(name)
+        except (KeyError, AttributeError):
+            raise ValueError(f"{adapter.name}: adapts {name!r}, which the base model does not have") from None
+        if tuple(w.shape) != tuple(delta.shape):
+            raise ValueError(f"{adapter.name}: {name!r} has shape {tuple(w.shape)} in the base model but the "
+                             f"adapter's delta is {tuple(delta.shape)}")
+        out[name] = (w.detach().to(torch.float64) + delta.to(w.device)).to(w.dtype)
     return out

@@ -43,7 +43,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="value head on the policy's trunk (shared) or on a separate copy of the SFT model")
     g.add_argument("--lora-rank", type=int, metavar="R",
                    help="train LoRA adapters of rank R (needs the optional peft package); the reference is the "
-                   "base with adapters disabled; the output is a full checkpoint (adapters merged)")
+                   "base with adapters disabled; the output is the adapter in peft's format (adapter_config.json "
+                   "+ adapter_model.safetensors, base = the SFT directory), which AdapterSoup, bonesoup experiment "
+                   "and peft load")
+    g.add_argument("--save-merged", action="store_true",
+                   help="with --lora-rank: also write the full checkpoint (adapter merged into the SFT weights) "
+                   "to OUT/merged")
     g = p.add_argument_group("PPO")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="rollouts per step, all processes")
@@ -85,8 +90,8 @@ def add_train_parsers(sub) -> None:
         "train", help="train one policy with PPO on a reward combination (expert, backbone or preference)",
         description="PPO from an SFT checkpoint on one combination of rewards: --expert I (Rewarded Soup "
         "expert, reward r_I), --backbone J --beta B (Bone Soup backbone, reward row J of the backbone matrix) "
-        "or --preference MU... (MORLHF). Writes a Hugging Face checkpoint of the policy (no value head), "
-        "train_log.jsonl and train_log.png. Without --sft: the embedded task.")
+        "or --preference MU... (MORLHF). Writes a Hugging Face checkpoint of the policy (no value head; with "
+        "--lora-rank its peft adapter), train_log.jsonl and train_log.png. Without --sft: the embedded task.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--expert", type=int, metavar="I", help="train on reward I alone")
     which.add_argument("--backbone", type=int, metavar="J", help="train on row J of backbone_matrix(n, beta)")
@@ -126,6 +131,8 @@ def _setup(args):
     from bonesoup.train.rewards import RewardNormalization, available_rewards
     from bonesoup.tasks.review import TASK_REWARDS, build_task_sft, task_prompts
 
+    if args.save_merged and args.lora_rank is None:
+        raise ValueError("--save-merged applies to --lora-rank (a full fine-tune is saved whole)")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -185,7 +192,8 @@ def _cmd_train(args) -> int:
     out = args.out or TRAIN_DIR / name
     records = train_checkpoint(sft, out, rewards=rewards, weights=weights, prompts=prompts, config=config,
                                normalization=norm, separate_critic=args.value_model == "separate",
-                               lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress, device=args.device,
+                               lora_rank=args.lora_rank, save_merged=args.save_merged, force=args.force,
+                               progress=not args.no_progress, device=args.device,
                                metadata={"combination": name, "beta": args.beta}, resume=args.resume)
     if _is_main():
         last = records[-1]
@@ -223,20 +231,20 @@ def _cmd_train_all(args) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if norm is not None and _is_main():
         (root / "reward_normalization.json").write_text(json.dumps(norm.to_dict(), indent=2))
-    summary = {"sft": str(sft), "beta": args.beta, "rewards": rewards, "models": {}}
+    summary = {"sft": str(sft), "beta": args.beta, "rewards": rewards, "lora_rank": args.lora_rank, "models": {}}
     for name, w in runs:
         if _is_main():
             print(f"[train-all] {name}: weights {np.round(w, 4).tolist()}", file=sys.stderr)
-        if args.resume and not args.force and (root / name / "config.json").is_file():  # written before the kill
+        if args.resume and not args.force and (root / name / "bonesoup-train.json").is_file():  # finished before the kill
             from bonesoup.train.ppo.training_log import read_training_log
 
             records = read_training_log(root / name / "train_log.jsonl")
         else:
             records = train_checkpoint(sft, root / name, rewards=rewards, weights=w, prompts=prompts, config=config,
                                        normalization=norm, separate_critic=args.value_model == "separate",
-                                       lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress,
-                                       device=args.device, metadata={"combination": name, "beta": args.beta},
-                                       resume=args.resume)
+                                       lora_rank=args.lora_rank, save_merged=args.save_merged, force=args.force,
+                                       progress=not args.no_progress, device=args.device,
+                                       metadata={"combination": name, "beta": args.beta}, resume=args.resume)
         summary["models"][name] = {"weights": w.tolist(), "final_score": records[-1]["score"],
                                    "final_kl": records[-1]["kl"],
                                    "seconds": sum(r["seconds"] for r in records)}

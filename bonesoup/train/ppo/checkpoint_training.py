@@ -33,14 +33,40 @@ __all__ = ["load_policy", "measure_reward_normalization", "train_checkpoint", "e
 
 
 def load_policy(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """``(model, tokenizer)`` from a Hugging Face checkpoint directory (fp32 by default, eval mode)."""
+    """``(model, tokenizer)`` from a Hugging Face checkpoint directory (fp32 by default, eval mode).
+
+    ``path`` may also be a peft LoRA adapter directory (what ``bonesoup train
+    --lora-rank`` writes): its base (``base_model_name_or_path``, the SFT
+    checkpoint) is loaded and the adapter merged into it exactly (float64 sum,
+    rounded once), giving a plain model with the base's keys.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bonesoup.merge.lora import is_adapter_dir, load_adapter, merged_weights
+
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapter = None
+    if not (path / "config.json").is_file() and is_adapter_dir(path):
+        adapter = load_adapter(path)
+        if not adapter.base:
+            raise ValueError(f"{path / 'adapter_config.json'}: no base_model_name_or_path; cannot find its SFT model")
+        weights_dir = Path(adapter.base)
+        if not (weights_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'adapter_config.json'}: its base {adapter.base!r} is not a checkpoint "
+                                    "directory (no config.json)")
+    elif not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json) nor a peft adapter "
+                                "(no adapter_config.json)")
+    else:
+        weights_dir = path
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype or torch.float32).eval()
+    if adapter is not None:
+        with torch.no_grad():
+            for name, w in merged_weights(adapter, model.get_parameter).items():
+                model.get_parameter(name).copy_(w)
+    model = model.to(device)
+    tok_dir = path if (path / "tokenizer_config.json").is_file() else weights_dir
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     check_special_tokens(tokenizer)
     return model, tokenizer
 
@@ -66,7 +92,8 @@ def measure_reward_normalization(sft: str | os.PathLike, prompts: Sequence[str],
 def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewards: Sequence[str | RewardFn],
                      weights: Sequence[float], prompts: Sequence[str], config: PPOConfig,
                      normalization: RewardNormalization | None = None, separate_critic: bool = False,
-                     lora_rank: int | None = None, force: bool = False, progress: bool = True, metadata: dict | None = None,
+                     lora_rank: int | None = None, save_merged: bool = False, force: bool = False,
+                     progress: bool = True, metadata: dict | None = None,
                      device: str | torch.device | None = None, resume: bool = False) -> list[dict]:
     """Train a policy from the SFT checkpoint ``sft`` on ``sum_i weights[i] * norm(r_i)`` and save it to ``out_dir``.
 
@@ -76,8 +103,11 @@ def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewa
     a checkpoint that ``merge_checkpoints`` and ``LiveSoup`` take as is.
     ``lora_rank``: train LoRA adapters of that rank (optional ``peft``
     package) against the adapter-free base as the reference; the output is
-    still a full checkpoint (adapters merged). Under ``torchrun`` every
-    process calls this and the main one writes.
+    then the adapter in peft's format (``base_model_name_or_path`` = ``sft``,
+    absolute), which :func:`load_policy`, :class:`bonesoup.lora.AdapterSoup`
+    and peft load, plus with ``save_merged`` the full merged checkpoint in
+    ``out_dir/merged``. Under ``torchrun`` every process calls this and the
+    main one writes.
 
     ``config.save_every`` / ``resume``: training checkpoints and resuming
     from the newest one (:meth:`PPOTrainer.train`); a checkpoint is refused
@@ -93,17 +123,24 @@ def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewa
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             policy = with_lora(policy, lora_rank)
+        # The adapter's base as peft records it: absolute, so the adapter loads from any working directory.
+        for cfg in policy.peft_config.values():
+            cfg.base_model_name_or_path = str(Path(sft).absolute())
+    elif save_merged:
+        raise ValueError("save_merged applies to LoRA training (lora_rank); a full fine-tune is saved whole")
     critic = load_policy(sft)[0] if separate_critic else None
     trainer = PPOTrainer(config, policy, tok, reward, prompts, critic=critic, device=device)
     meta = {"sft": str(Path(sft).absolute()), "rewards": names, "weights": list(map(float, reward.weights)),
             "normalization": normalization.to_dict() if normalization else None,
             "value_model": "separate" if separate_critic else "shared", "lora_rank": lora_rank,
-            **(metadata or {})}
+            "format": "peft-adapter" if lora_rank is not None else "checkpoint",
+            "merged": "merged" if save_merged else None, **(metadata or {})}
     if config.save_every or resume:  # a resume must start from the same SFT weights, not only the same path
         from bonesoup.fingerprint import checkpoint_fingerprint
 
         meta["sft_fingerprint"] = checkpoint_fingerprint(sft)
-    return trainer.train(out_dir=out_dir, force=force, progress=progress, metadata=meta, resume=resume)
+    return trainer.train(out_dir=out_dir, force=force, progress=progress, metadata=meta, resume=resume,
+                         save_merged=save_merged)
 
 
 @torch.no_grad()

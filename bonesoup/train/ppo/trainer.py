@@ -409,13 +409,16 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop and the output
 
     def train(self, steps: int | None = None, *, out_dir: str | os.PathLike | None = None, force: bool = False,
-              progress: bool = True, metadata: dict | None = None, resume: bool = False) -> list[dict]:
+              progress: bool = True, metadata: dict | None = None, resume: bool = False,
+              save_merged: bool = False) -> list[dict]:
         """Train until ``steps`` steps are done (default ``config.steps``); optionally write the result.
 
         With ``out_dir``, the main process writes, atomically (a temporary
         directory renamed into place at the end; nothing is left under the
         target's name if training fails): the policy as a Hugging Face
-        checkpoint (no value-head keys), the tokenizer, ``train_log.jsonl``
+        checkpoint (no value-head keys; a LoRA policy: its peft adapter, and
+        with ``save_merged`` the merged checkpoint too, see :meth:`save_policy`),
+        the tokenizer, ``train_log.jsonl``
         (one line of statistics per step, written as training goes),
         ``train_log.png`` and ``bonesoup-train.json`` (config, metadata, time).
 
@@ -471,7 +474,7 @@ class PPOTrainer:
                     bar.set_postfix(score=f"{s['score']:.3f}", kl=f"{s['kl']:.2f}", ent=f"{s['entropy']:.2f}")
             if write:
                 log.close()
-                self.save_policy(tmp)
+                self.save_policy(tmp, save_merged=save_merged)
                 log.plot(Path(tmp) / "train_log.png", self.objective_names)
                 meta = {"config": asdict(c), "steps": steps, "world_size": self.dist.world,
                         "seconds": time.perf_counter() - t0, "final": records[-1] if records else None,
@@ -485,17 +488,34 @@ class PPOTrainer:
                 ckpt_root.rmdir()
         return records
 
-    def save_policy(self, out_dir: str | os.PathLike) -> None:
+    def save_policy(self, out_dir: str | os.PathLike, *, save_merged: bool = False) -> None:
         """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``.
 
-        A LoRA policy is saved with its adapters merged into the base weights (no copy of the model,
-        the base left as it was: :func:`~bonesoup.train.ppo.policy.merged_lora_state_dict`): a full
-        checkpoint with the SFT model's keys, which the merges (``merge_checkpoints``, ``LiveSoup``) combine.
+        A LoRA policy is saved as its adapter in peft's format
+        (``adapter_config.json`` + ``adapter_model.safetensors``; the base is
+        ``base_model_name_or_path``), which :class:`bonesoup.lora.AdapterSoup`,
+        ``peft.PeftModel.from_pretrained`` and vLLM load. ``save_merged`` also
+        writes the full checkpoint (adapter merged, the base's keys) to
+        ``out_dir/merged``: a sub-directory, because transformers'
+        ``from_pretrained`` of a directory holding an adapter config loads the
+        base and applies the adapter again. The merged weights are built layer
+        by layer beside the live ones (no copy of the model; the policy is not
+        touched).
         """
-        if self.lora:
-            from .policy import merged_lora_state_dict
+        policy = self.policy
+        out_dir = Path(out_dir)
+        if not self.lora:
+            policy.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+            return
+        from bonesoup.merge.lora import load_adapter, merged_weights
 
-            self.policy.get_base_model().save_pretrained(out_dir, state_dict=merged_lora_state_dict(self.policy))
-        else:
-            self.policy.save_pretrained(out_dir)
+        policy.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+        if save_merged:
+            base = policy.get_base_model()
+            # The base weights under their own names: peft's wrappers hold them as ``<layer>.base_layer.*``.
+            state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
+            state.update(merged_weights(load_adapter(out_dir), state))
+            base.save_pretrained(out_dir / "merged", state_dict=state)
+            self.tokenizer.save_pretrained(out_dir / "merged")
