@@ -123,22 +123,25 @@ class LiveModels:
     sft : the SFT checkpoint directory (reference of MAGE implicit, input of the extrapolation).
     backbones, experts, values : checkpoint directories, n each (Bone Soup's backbones, the
         one-reward experts, the explicit value models).
+    device, dtype : where every live model runs and the dtype it loads in (None: fp32).
     """
 
-    def __init__(self, beta: float, sft: Path, backbones: Sequence, experts: Sequence, values: Sequence):
+    def __init__(self, beta: float, sft: Path, backbones: Sequence, experts: Sequence, values: Sequence, *,
+                 device: str = "cpu", dtype=None):
         from bonesoup.decode.values import ValueSoup
         from bonesoup.merge.live import LiveSoup
         from bonesoup.train.ppo.checkpoint_training import load_policy
 
         self.beta = beta
-        self.sft_model, self.tok = load_policy(sft)
-        self.bone = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
-        self.bone_ext = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
-        self.rewarded = LiveSoup(load_policy(sft)[0], experts, method="rewarded")
-        self.experts = [load_policy(e)[0] for e in experts]
+        where = dict(device=device, dtype=dtype)
+        self.sft_model, self.tok = load_policy(sft, **where)
+        self.bone = LiveSoup(load_policy(sft, **where)[0], backbones, beta=beta, sft=sft, device=device)
+        self.bone_ext = LiveSoup(load_policy(sft, **where)[0], backbones, beta=beta, sft=sft, device=device)
+        self.rewarded = LiveSoup(load_policy(sft, **where)[0], experts, method="rewarded", device=device)
+        self.experts = [load_policy(e, **where)[0] for e in experts]
         # MAGE implicit's guide: the experts merged with mu (ONE model) against the SFT reference.
-        self.guides = {"implicit": ValueSoup(experts, kind="implicit", ref=self.sft_model),
-                       "explicit": ValueSoup(values, kind="explicit")}
+        self.guides = {"implicit": ValueSoup(experts, kind="implicit", ref=self.sft_model, **where),
+                       "explicit": ValueSoup(values, kind="explicit", **where)}
         #: per-objective extrapolation factors and guidance strengths, set by validation
         self.k = np.ones(len(backbones))
         self.w = {"implicit": 1.0, "explicit": 1.0}
