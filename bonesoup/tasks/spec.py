@@ -137,12 +137,14 @@ def _entries(rewards) -> list:
 
 def task_spec(*, task: str = "review", sft=None, train_prompts=None, validation_prompts=None, test_prompts=None,
               rewards=None, max_new_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-              check_rewards: bool = True) -> TaskSpec:
+              check_rewards: bool = True, required_with_sft: Sequence[str] = ("train_prompts", "test_prompts",
+                                                                               "rewards")) -> TaskSpec:
     """Resolve a task's fields into a :class:`TaskSpec`, checking every one (ValueError naming the field).
 
     Fields left out come from the embedded task ``task``. With ``sft`` (the
-    user's checkpoint) the embedded task's prompts and rewards do not apply:
-    ``train_prompts``, ``test_prompts`` and ``rewards`` are then required.
+    user's checkpoint) the embedded task's prompts and rewards are made for
+    another model: the fields in ``required_with_sft`` are then required (the
+    experiment: all three; ``bonesoup train`` lets them fall back).
     ``device`` / ``dtype``: the defaults of ``hf`` reward models that set none.
     ``check_rewards``: inspect each reward (reward-model configs, imports) now.
     """
@@ -161,7 +163,7 @@ def task_spec(*, task: str = "review", sft=None, train_prompts=None, validation_
         if not (sft / "config.json").is_file():
             raise FileNotFoundError(f"sft: {sft} is not a checkpoint directory (no config.json)")
         for name, v in (("train_prompts", train_prompts), ("test_prompts", test_prompts), ("rewards", rewards)):
-            if v is None:
+            if v is None and name in required_with_sft:
                 raise ValueError(f"{name}: required with sft (the embedded task's {name} are made for its own model)")
         sources["sft"] = str(sft)
     else:
