@@ -138,7 +138,7 @@ def _bad(project, tmp_path, **changes):
 @pytest.mark.parametrize("changes,message", [
     (dict(train_prompts="data/missing.jsonl"), "train_prompts: prompt file"),
     (dict(sft="models/nothing-here"), "sft: "),
-    (dict(ppo_stepz=3), "unknown field(s) ['ppo_stepz']"),
+    (dict(ppo_stepz=3), "unknown field 'ppo_stepz'"),
     (dict(rewards=[{"hf": "models/rm-chat"}, {"hf": "models/rm-pair", "input": "pair"}]),
      "rewards[1] (hf:"),  # two labels and none chosen
     (dict(rewards=[{"hf": "models/rm-chat", "label": 1}, "sentiment"]), "label must be in [0, 1)"),

@@ -363,7 +363,8 @@ def read_config_file(path: str | Path, fields, what: str = "--config") -> dict:
         raise ValueError(f"{what} {path}: the top level must be a mapping of fields, got {type(values).__name__}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{what} {path}: unknown field(s) {unknown}; fields: {sorted(fields)}")
+        named = f"field {unknown[0]!r}" if len(unknown) == 1 else f"fields {unknown}"
+        raise ValueError(f"{what} {path}: unknown {named}; fields: {sorted(fields)}")
     values = resolve_paths(values, path.parent)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
