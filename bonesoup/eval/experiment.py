@@ -180,7 +180,6 @@ class ExperimentConfig:
         if len(set(self.morlhf)) != len(self.morlhf):
             raise ValueError(f"morlhf: each mu_1 once, got {list(self.morlhf)}")
 
-
     def _check_run_fields(self) -> None:
         from soupkernels._dtypes import parse_dtype_name
 
