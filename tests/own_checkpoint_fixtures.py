@@ -5,6 +5,7 @@ random weights) and saved with ``save_pretrained``: the tests then name only
 directories and files, never code.
 """
 
+import functools
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ import torch
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
+@functools.lru_cache(maxsize=1)
 def tokenizer():
+    """The tiny byte-level BPE tokenizer with :data:`CHAT_TEMPLATE` (built once; treat as read-only)."""
     from bonesoup.tasks.tiny_models import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()

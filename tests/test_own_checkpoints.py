@@ -157,7 +157,7 @@ def test_bad_configs_are_refused_before_training_naming_the_field(project, tmp_p
     out = tmp_path / "run"
     assert main(["experiment", "--config", str(path), "--out", str(out), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
-    assert not (out / "models").exists()
+    assert not out.exists()  # refused before the output directory, let alone a model, was made
 
 
 def test_bad_prompt_lines_name_file_and_line(project, tmp_path, capsys):

@@ -302,10 +302,12 @@ def add_experiment_parser(sub) -> None:
                        "prompts for every seed, and writes results.json, results.md (the table) and pareto.png. "
                        "Your own task: --config FILE naming sft, train_prompts, test_prompts and rewards.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML (.yaml/.yml) or JSON (.json) file of the fields below (flags "
-                   "given override it); its relative input paths resolve against the file's directory")
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                   help="YAML (.yaml/.yml) or JSON (.json) file of the fields below (flags given override it); its "
+                   "relative input paths resolve against the file's directory")
     p.add_argument("--quick", action="store_true", help=f"the README setting: {QUICK}")
-    p.add_argument("--out", default=None, help=f"output and cache directory (default {d.out}, quick: {d.out}-quick)")
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help=f"output and cache directory [default {d.out}, quick: {d.out}-quick]")
     add_config_flags(p, ExperimentConfig, skip=("out",))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_experiment)
@@ -315,10 +317,28 @@ def add_experiment_parser(sub) -> None:
 _LIST_TYPES = {"rewards": str, "seeds": int}
 _SCALAR_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
                  "float | None": float}
+#: --help of the task and run fields (the others show their default).
+_FIELD_HELP = {
+    "task": "embedded task that fills what the task fields leave out",
+    "sft": "your SFT checkpoint directory (HF causal LM + tokenizer); default: the embedded task's, built in code",
+    "train_prompts": ".jsonl (a 'prompt' per line) or plain text, one prompt per line; required with --sft",
+    "validation_prompts": "default: the first --val-prompts training prompts",
+    "test_prompts": "held-out prompts of the sweep; required with --sft",
+    "rewards": "one per objective: a built-in name, hf:DIR (a sequence-classification reward model), "
+               "module:function or file.py:function; required with --sft (a config file also takes mappings "
+               "with options)",
+    "max_new_tokens": "response length (default: the embedded task's, 64 with --sft)",
+    "device": "cpu, cuda, cuda:N (default: cuda when available)",
+    "dtype": "float32 or bfloat16 (evaluation and reward models load in it; PPO under bf16 autocast)",
+    "rollout_batch_size": "rows per PPO generate call (default: the whole batch)",
+    "eval_batch_size": "rows per evaluation decode call (results do not depend on it)",
+    "lora_rank": "reserved for LoRA backbones (not wired in yet)",
+}
 
 
 def add_config_flags(p, config_cls, *, skip=(), only=None) -> None:
-    """One ``--field-name`` flag per dataclass field of ``config_cls`` (lists take several values), default None."""
+    """One ``--field-name`` flag per dataclass field of ``config_cls`` (lists take several values); a flag
+    not given leaves the field to the config file or its default (argparse.SUPPRESS: no attribute)."""
     import argparse
 
     for f in dataclasses.fields(config_cls):
@@ -326,13 +346,14 @@ def add_config_flags(p, config_cls, *, skip=(), only=None) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)
+        help = f"{_FIELD_HELP[f.name]} [default {f.default}]" if f.name in _FIELD_HELP else f"[default {f.default}]"
+        kw = dict(default=argparse.SUPPRESS, help=help)
         if t.startswith("tuple"):
-            p.add_argument(flag, nargs="*", type=_LIST_TYPES.get(f.name, float), default=None,
-                           help=f"(default {f.default})")
+            p.add_argument(flag, nargs="*", type=_LIST_TYPES.get(f.name, float), **kw)
         elif t.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=_SCALAR_TYPES.get(t, str), default=None, help=f"(default {f.default})")
+            p.add_argument(flag, type=_SCALAR_TYPES.get(t, str), **kw)
 
 
 def read_config_file(path: str | Path, fields, what: str = "--config") -> dict:
@@ -375,7 +396,7 @@ def config_from_args(args) -> ExperimentConfig:
         values.update(QUICK)
         values["out"] = ExperimentConfig.out + "-quick"
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    if args.config:
+    if getattr(args, "config", None):
         values.update(read_config_file(args.config, names))
     for f in dataclasses.fields(ExperimentConfig):
         v = getattr(args, f.name, None)
