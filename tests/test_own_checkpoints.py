@@ -34,6 +34,7 @@ rollout_batch_size: 8
 eval_batch_size: 3
 seeds: [0]
 ppo_steps: 1
+ppo_lr: 0.01                       # big enough that one step moves a random model
 ppo_batch_size: 16
 morlhf: [0.5]
 value_samples: 16
@@ -93,6 +94,12 @@ def test_the_whole_comparison_runs_from_a_config_file(project, tmp_path, capsys,
     assert {"rewarded_soup", "bone_soup", "mage_implicit", "mage_explicit", "morlhf"} <= set(summary)
     for m, v in summary.items():
         assert np.all(np.isfinite(v["mean_points"])), m
+    seed = res["per_seed"]["0"]
+    # The trained models moved (the sweep measures something), and at mu = e_i Rewarded Soup IS expert i.
+    assert seed["morlhf"]["1.0"] != seed["sft"] and seed["morlhf"]["0.0"] != seed["sft"]
+    assert len({tuple(p) for pts in seed["points"].values() for p in pts}) > 3
+    rs = seed["points"]["rewarded_soup"]
+    assert rs[0] == seed["morlhf"]["0.0"] and rs[-1] == seed["morlhf"]["1.0"]
     # The test set is the test file's 2 prompts, the validation slice the validation file's first 3.
     assert "Rewarded Soup" in (out / "results.md").read_text() and (out / "pareto.png").stat().st_size > 0
     capsys.readouterr()
