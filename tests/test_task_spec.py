@@ -76,13 +76,26 @@ def test_reward_entries_parse_and_round_trip(tmp_path):
     for bad, message in [({"hf": "x", "builtin": "y"}, "exactly one of the keys"), ({}, "exactly one of the keys"),
                          ({"builtin": "length", "target": 3}, r"unknown option\(s\) \['target'\]"),
                          ({"hf": ""}, "hf must be a non-empty string"), (3, "a reward is a name"),
-                         ("mod:not an identifier", "'module:function'"), ({"builtin": "length", "args": [1]}, "args")]:
+                         ("mod:not an identifier", "'module:function'"), ({"builtin": "length", "args": [1]}, "args"),
+                         ("hf:", "needs a reward-model directory")]:
         with pytest.raises(ValueError, match=message):
             RewardSpec.parse(bad, "rewards[1]")
     with pytest.raises(ValueError, match=r"rewards\[0\]: reward 'conciseness'"):
         RewardSpec.parse({"builtin": "conciseness", "args": {"target": 0}}).check("rewards[0]")
     with pytest.raises(ValueError, match="unknown reward 'wit'"):
         RewardSpec.parse("wit").check()
+
+
+def test_reward_model_options_are_checked_before_loading(rms):
+    for options, message in [({"device": "tpu"}, "device must be"), ({"dtype": "int8"}, "dtype"),
+                             ({"batch_size": 0}, "batch_size must be a positive integer"),
+                             ({"input": "both"}, "input must be one of"),
+                             ({"chat_template": "yes"}, "chat_template must be true or false")]:
+        with pytest.raises(ValueError, match=message):
+            RewardSpec.parse({"hf": str(rms["one"]), **options}).check("rewards[0]")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"rewards\[0\]: device 'cuda' asked for"):
+            RewardSpec.parse({"hf": str(rms["one"]), "device": "cuda"}).check("rewards[0]")
 
 
 def test_callable_rewards_from_a_file_and_a_module(tmp_path, monkeypatch):

@@ -96,6 +96,8 @@ class RewardSpec:
         else:
             raise ValueError(f"{what}: a reward is a name, 'hf:DIR', 'module:function' or a mapping, got {entry!r}")
         base = Path(base_dir) if base_dir is not None else None
+        if kind == "hf" and not target:
+            raise ValueError(f"{what}: 'hf:' needs a reward-model directory ('hf:DIR')")
         if kind == "hf":
             target = str(_absolute(target, base))
         elif kind == "callable":
@@ -148,6 +150,13 @@ class RewardSpec:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{what}: {key} must be a positive integer, got {v!r}")
             _torch_dtype(o.get("dtype"), f"{what}: dtype")
+            if o.get("device") is not None:
+                try:
+                    dev = torch.device(o["device"])
+                except (RuntimeError, TypeError):
+                    raise ValueError(f"{what}: device must be 'cpu', 'cuda' or 'cuda:N', got {o['device']!r}") from None
+                if dev.type == "cuda" and not torch.cuda.is_available():
+                    raise ValueError(f"{what}: device {o['device']!r} asked for, but CUDA is not available here")
         else:
             _import_callable(self.target, what)
 
