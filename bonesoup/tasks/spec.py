@@ -105,6 +105,7 @@ class TaskSpec:
     build_sft: Callable | None = None
     sources: dict = field(default_factory=dict)
     _fns: list | None = field(default=None, repr=False)
+    _description: dict | None = field(default=None, repr=False)
 
     @property
     def reward_names(self) -> list[str]:
@@ -123,10 +124,16 @@ class TaskSpec:
         return self._fns
 
     def description(self) -> dict:
-        """What a model trained on this task depends on besides its SFT: prompts and rewards, by content."""
+        """What a model trained on this task depends on besides its SFT: prompts and rewards, by content.
+
+        Computed once per spec (a reward model's weights are hashed, which takes seconds for a large one).
+        """
         from bonesoup.fingerprint import fingerprint
 
-        return {"prompts": fingerprint(self.prompts["train"]), "rewards": [r.description() for r in self.rewards]}
+        if self._description is None:
+            self._description = {"prompts": fingerprint(self.prompts["train"]),
+                                 "rewards": [r.description() for r in self.rewards]}
+        return self._description
 
 
 def _entries(rewards) -> list:

@@ -214,6 +214,7 @@ def _torch_dtype(dtype, what: str):
 
 
 def _import_module(module: str, what: str):
+    import hashlib
     import importlib
     import importlib.util
     import sys
@@ -222,7 +223,7 @@ def _import_module(module: str, what: str):
         path = Path(module)
         if not path.is_file():
             raise FileNotFoundError(f"{what}: reward file {path} not found")
-        key = f"bonesoup_reward_{abs(hash(str(path)))}"
+        key = "bonesoup_reward_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
         if key in sys.modules:
             return sys.modules[key]
         spec = importlib.util.spec_from_file_location(key, path)
