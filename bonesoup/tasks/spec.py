@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["SPLITS", "TASK_FIELDS", "OWN_TASK_MAX_NEW_TOKENS", "TaskSpec", "read_prompts", "task_spec"]
+__all__ = ["TASK_FIELDS", "PATH_FIELDS", "OWN_TASK_MAX_NEW_TOKENS", "TaskSpec", "read_prompts", "task_spec",
+           "resolve_paths"]
 
-#: The prompt splits of a task.
-SPLITS = ("train", "validation", "test")
 #: Config fields that describe the task (the experiment's and ``train``'s alike); the path fields among them
 #: resolve against the config file's directory.
 TASK_FIELDS = ("task", "sft", "train_prompts", "validation_prompts", "test_prompts", "rewards", "max_new_tokens")
