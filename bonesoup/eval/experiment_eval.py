@@ -132,8 +132,8 @@ def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int, task) 
     from bonesoup.train.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
 
     data = sample_value_data(sft, task.prompts["test"], task.reward_fns(), samples=256,
-                             max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed)
-    qs = [load_value_model(v) for v in values]
+                             max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed, device=cfg.run_device())
+    qs = [load_value_model(v, device=cfg.run_device(), dtype=cfg.torch_dtype()) for v in values]
     ts = np.linspace(0.0, 1.0, 5)
     merged, ens = [], []
     explicit = live.guides["explicit"]

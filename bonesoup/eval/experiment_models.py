@@ -100,7 +100,8 @@ class TrainedModels:
         _log(f"training {self.n} explicit value models ({c.value_samples} SFT samples, {c.value_steps} steps)")
         train_value_models(self.sft, outs, rewards=self.task.reward_fns(), weights=np.eye(self.n).tolist(),
                            prompts=self.prompts, samples=c.value_samples, steps=c.value_steps,
-                           max_new_tokens=c.max_new_tokens, seed=self.seed, progress=self.progress)
+                           max_new_tokens=c.max_new_tokens, seed=self.seed, progress=self.progress,
+                           device=c.run_device())
         self.trained += [o.name for o in outs]
         return outs
 
