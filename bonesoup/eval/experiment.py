@@ -86,7 +86,9 @@ class ExperimentConfig:
     #: Rows per generate call in PPO rollouts (None: the whole batch at once).
     rollout_batch_size: int | None = None
     #: Prompt rows per decode call in evaluation (results do not depend on it: rows are seeded by index).
-    eval_batch_size: int = 64
+    #: 256: on the embedded task's tiny GPT-2 on a CPU, 64-row calls took 1.6x the time of one call over
+    #: the 336 rows and 256-row calls 1.09x; lower it for large models.
+    eval_batch_size: int = 256
     #: LoRA rank of the trained models: reserved for the LoRA-backbones issue (None: full fine-tunes).
     lora_rank: int | None = None
     # -- the protocol
