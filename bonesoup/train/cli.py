@@ -146,6 +146,8 @@ def _task_values(args) -> dict:
 
 def _setup(args):
     """(sft dir, task spec, reward functions, PPOConfig, normalisation) from the common arguments."""
+    import os
+
     import torch
 
     from bonesoup.tasks.spec import task_spec
@@ -161,7 +163,10 @@ def _setup(args):
     if run.get("dtype") not in (None, "float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {run['dtype']!r}")
     test_prompts = values.pop("test_prompts", None)
-    spec = task_spec(**values, device=run.get("device"), dtype=run.get("dtype"), required_with_sft=())
+    # Reward models default to where this process trains (the trainer's own default under torchrun).
+    rm_device = run.get("device") or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available()
+                                      else "cpu")
+    spec = task_spec(**values, device=rm_device, dtype=run.get("dtype"), required_with_sft=())
     if len(spec.rewards) < 2:
         raise ValueError(f"--rewards needs at least 2 objectives, got {spec.reward_names}")
     if test_prompts is not None:
