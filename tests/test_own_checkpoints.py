@@ -128,6 +128,13 @@ def test_train_takes_the_same_config_on_a_qwen2_policy(project, tmp_path, capsys
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     log = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert {"reward/conciseness", "reward/brevity"} <= set(log)
+    # train-all --eval scores on the config's test file (2 prompts), not on the embedded task's.
+    root = tmp_path / "all"
+    assert main(["train-all", "--config", str(project / "train.json"), "--beta", "0.7", "--steps", "1",
+                 "--batch-size", "8", "--mini-batch-size", "8", "--epochs", "1", "--eval", "--eval-samples", "1",
+                 "--out", str(root), "--no-progress"]) == 0
+    summary = json.loads((root / "train-all.json").read_text())
+    assert summary["rewards"] == ["conciseness", "brevity"] and summary["eval"]["sft"]["n"] == 2
 
 
 def _bad(project, tmp_path, **changes):
