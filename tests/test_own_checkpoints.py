@@ -61,6 +61,9 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     save_policy(root / "models" / "sft-llama", "llama")
     save_policy(root / "models" / "sft-qwen2", "qwen2")
+    shutil.copytree(root / "models" / "sft-llama", root / "models" / "sft-pad-is-eos")
+    tok_cfg = root / "models" / "sft-pad-is-eos" / "tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()), "pad_token": "<|endoftext|>"}))
     save_reward_model(root / "models" / "rm-chat", "qwen2", labels=("score",))
     save_reward_model(root / "models" / "rm-pair", "gpt2", labels=("bad", "good"))
     write_prompts(root / "data")
@@ -152,6 +155,8 @@ def _bad(project, tmp_path, **changes):
 @pytest.mark.parametrize("changes,message", [
     (dict(train_prompts="data/missing.jsonl"), "train_prompts: prompt file"),
     (dict(sft="models/nothing-here"), "sft: "),
+    (dict(sft="models/rm-chat"), "not a causal LM"),
+    (dict(sft="models/sft-pad-is-eos"), "pad_token_id equals eos_token_id"),
     (dict(ppo_stepz=3), "unknown field 'ppo_stepz'"),
     (dict(rewards=[{"hf": "models/rm-chat"}, {"hf": "models/rm-pair", "input": "pair"}]),
      "rewards[1] (hf:"),  # two labels and none chosen

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["TASK_FIELDS", "PATH_FIELDS", "OWN_TASK_MAX_NEW_TOKENS", "TaskSpec", "read_prompts", "task_spec",
+__all__ = ["check_sft", "TASK_FIELDS", "PATH_FIELDS", "OWN_TASK_MAX_NEW_TOKENS", "TaskSpec", "read_prompts", "task_spec",
            "resolve_paths"]
 
 #: Config fields that describe the task (the experiment's and ``train``'s alike); the path fields among them
@@ -135,6 +135,27 @@ class TaskSpec:
         return self._description
 
 
+def check_sft(path: Path, what: str = "sft") -> None:
+    """Refuse, from its config and tokenizer alone, a directory that cannot be the policy (naming ``what``).
+
+    It must hold a causal LM (``*ForCausalLM`` / ``*LMHeadModel``: another head would be initialised at
+    random) and a tokenizer with EOS and a pad token distinct from it (PPO masks padding after EOS).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bonesoup.train.ppo.rollout import check_special_tokens
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: {path} is not a checkpoint directory (no config.json)")
+    archs = list(getattr(AutoConfig.from_pretrained(path), "architectures", None) or [])
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ValueError(f"{what}: {path} holds {archs}, not a causal LM (*ForCausalLM / *LMHeadModel)")
+    try:
+        check_special_tokens(AutoTokenizer.from_pretrained(path))
+    except ValueError as e:
+        raise ValueError(f"{what}: {path}: {e}") from None
+
+
 def _entries(rewards) -> list:
     if isinstance(rewards, (str, bytes)) or not isinstance(rewards, Sequence):
         raise ValueError(f"rewards must be a list of reward entries (one per objective), got {rewards!r}")
@@ -166,8 +187,7 @@ def task_spec(*, task: str = "review", sft=None, train_prompts=None, validation_
     sources: dict = {}
     if sft is not None:
         sft = Path(sft)
-        if not (sft / "config.json").is_file():
-            raise FileNotFoundError(f"sft: {sft} is not a checkpoint directory (no config.json)")
+        check_sft(sft)
         for name, v in (("train_prompts", train_prompts), ("test_prompts", test_prompts), ("rewards", rewards)):
             if v is None and name in required_with_sft:
                 raise ValueError(f"{name}: required with sft (the embedded task's {name} are made for its own model)")
