@@ -24,8 +24,10 @@ same held-out prompts with the same random numbers:
    models), and MORLHF at its trained preferences;
 5. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
-   every method and seed, minus a margin), controllability (Spearman of mu_i
-   with r_i), mean +- std over seeds; a table, a Pareto plot and JSON.
+   every method and seed, minus a margin; or, ``reference_point="sft"``, the
+   SFT model's mean rewards), controllability (Spearman of mu_i with r_i),
+   mean +- sample std, bootstrap CIs and paired tests over seeds
+   (:mod:`bonesoup.eval.stats`); a table, a Pareto plot and JSON.
 
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything
@@ -112,6 +114,9 @@ class ExperimentConfig:
     w_explicit_grid: tuple = (2.0, 4.0, 8.0)
     temperature: float = 1.0
     hv_margin: float = 0.01
+    #: Hypervolume reference point: "union" (every evaluated point's minimum minus hv_margin) or "sft"
+    #: (the SFT model's mean rewards: fixed, whichever methods are compared).
+    reference_point: str = "union"
     #: Chunk-level search (MAGE explicit, K candidates of L tokens scored by the merged value model); 0 = off.
     search_candidates: int = 0
     search_chunk_tokens: int = 4
@@ -137,6 +142,8 @@ class ExperimentConfig:
             raise ValueError(f"rewards: the experiment compares methods on 2 objectives (its preference grid, "
                              f"MORLHF's mu_1 and the Pareto plot), got {n}: {spec.reward_names}")
         validate_beta(self.beta, "beta")
+        if self.reference_point not in ("union", "sft"):
+            raise ValueError(f"reference_point must be 'union' or 'sft', got {self.reference_point!r}")
         if self.seed_mode not in ("train", "sample"):
             raise ValueError(f"seed_mode must be 'train' or 'sample', got {self.seed_mode!r}")
         if not self.seeds:
