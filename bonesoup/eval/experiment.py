@@ -76,9 +76,10 @@ class ExperimentConfig:
     validation_prompts: str | None = None
     test_prompts: str | None = None
     #: One entry per objective: a built-in name, "hf:DIR", "module:function" / "file.py:function", or a mapping
-    #: with options (bonesoup.train.reward_spec.RewardSpec); None: the embedded task's (required with sft).
+    #: with options (bonesoup.train.reward_spec.RewardSpec); None: the embedded task's (filled in when the
+    #: config is made; required with sft).
     rewards: tuple | None = None
-    #: Response length; None: the embedded task's (64 with your own sft).
+    #: Response length; None: the embedded task's (filled in when the config is made; 64 with your own sft).
     max_new_tokens: int | None = None
     #: Where models run: "cpu", "cuda", "cuda:1"; None: cuda when available, else the CPU.
     device: str | None = None
@@ -121,6 +122,18 @@ class ExperimentConfig:
     search_candidates: int = 0
     search_chunk_tokens: int = 4
     threads: int | None = None
+
+    def __post_init__(self):
+        # Without your own sft the embedded task's rewards and response length apply; fill them in now so
+        # that every reader of ``rewards`` / ``max_new_tokens`` (summary, table, plot) sees them. An unknown
+        # task is left to check(), which names it.
+        if self.sft is None and (self.rewards is None or self.max_new_tokens is None):
+            from bonesoup.tasks.registry import get_task, task_names
+
+            if self.task in task_names():
+                t = get_task(self.task)
+                self.rewards = tuple(t.rewards) if self.rewards is None else self.rewards
+                self.max_new_tokens = t.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
 
     def methods(self) -> tuple:
         """Names of the methods this configuration evaluates, in table order."""
