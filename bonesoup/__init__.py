@@ -36,6 +36,9 @@ _LAZY = {
     "train_value_models": "train.value_training",
     "hypervolume": "eval.metrics", "controllability": "eval.metrics", "pareto_front": "eval.metrics",
     "run_experiment": "eval.experiment", "ExperimentConfig": "eval.experiment",
+    # a task as data: prompt files, reward entries (hf:DIR reward models, module:function)
+    "TaskSpec": "tasks.spec", "task_spec": "tasks.spec", "read_prompts": "tasks.spec",
+    "RewardSpec": "train.reward_spec", "SequenceClassifierReward": "train.reward_models",
 }
 __all__ = list(_LAZY)
 

@@ -17,7 +17,8 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["FINGERPRINT_CHARS", "fingerprint", "cached_model_dir", "checkpoint_fingerprint"]
+__all__ = ["FINGERPRINT_CHARS", "fingerprint", "cached_model_dir", "checkpoint_fingerprint", "file_fingerprint",
+           "directory_fingerprint"]
 
 #: Hex characters kept of the sha256 (64 bits: collisions are not a concern for a cache).
 FINGERPRINT_CHARS = 16
@@ -69,3 +70,30 @@ def checkpoint_fingerprint(path: str | os.PathLike, marker: str = "bonesoup-sft.
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, first 16 hex characters (its content, never its name)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+#: Top-level files of a checkpoint that change what it computes besides its weights (config, tokenizer,
+#: chat template, generation defaults); our own records (``bonesoup-*.json``, training logs) are left out.
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def directory_fingerprint(path: str | os.PathLike) -> str:
+    """A checkpoint directory's content: :func:`checkpoint_fingerprint` plus its config and tokenizer files.
+
+    A user's checkpoint whose tokenizer or chat template changed is a new
+    input even with the same weights; the files are hashed by content, so a
+    copy or a move of the directory keeps its fingerprint.
+    """
+    path = Path(path)
+    side = {f.name: file_fingerprint(f) for f in sorted(path.iterdir())
+            if f.is_file() and f.suffix in _SIDE_SUFFIXES and not f.name.startswith("bonesoup-")}
+    return fingerprint({"weights": checkpoint_fingerprint(path), "files": side})

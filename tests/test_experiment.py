@@ -176,7 +176,7 @@ def test_rerun_reuses_the_cached_models(toy_run, capsys):
     (["--w-explicit-grid"], "w_explicit_grid must hold at least one"),
     (["--rewards", "sentiment", "conciseness", "readability"], "rewards: the experiment compares methods on 2"),
     (["--rewards", "sentiment", "sentiment"], "rewards: each objective once"),
-    (["--rewards", "sentiment", "nonsense"], "rewards: unknown reward 'nonsense'"),
+    (["--rewards", "sentiment", "nonsense"], "rewards[1]: unknown reward 'nonsense'"),
     (["--ppo-steps", "0"], "ppo_steps must be a positive integer"),
     (["--value-samples", "-1"], "value_samples must be a positive integer"),
     (["--val-prompts", "100000"], "val_prompts must be at most"),

@@ -22,40 +22,62 @@ __all__ = ["Evaluator", "tune", "evaluate_seed", "summarize", "format_table", "p
 
 
 class Evaluator:
-    """Samples responses for a list of prompts with any [base, guides] + coefficients, scores them."""
+    """Samples responses for a list of prompts with any [base, guides] + coefficients, scores them.
 
-    def __init__(self, tokenizer, prompts: Sequence[str], samples_per_prompt: int, cfg):
+    Parameters
+    ----------
+    tokenizer : the policies' tokenizer (pad and EOS distinct).
+    prompts : sequence of str; each is repeated ``samples_per_prompt`` times (rows of the evaluation set).
+    samples_per_prompt : int
+    cfg : ExperimentConfig (``max_new_tokens``, ``temperature``, ``rewards``, ``eval_batch_size``).
+    rewards : reward functions, one per objective (default: ``get_reward`` of each ``cfg.rewards`` entry).
+    batch_size : rows per decode call (default ``cfg.eval_batch_size``; None there: all rows at once).
+
+    Row i of the set draws with key ``derive_seed(seed, i)`` whatever batch it falls in, so the
+    result does not depend on ``batch_size``.
+    """
+
+    def __init__(self, tokenizer, prompts: Sequence[str], samples_per_prompt: int, cfg, *, rewards=None,
+                 batch_size: int | None = None):
         from bonesoup.decode.batching import left_pad_prompts
         from bonesoup.train.ppo.rollout import check_special_tokens
         from bonesoup.train.rewards import get_reward
 
         self.tok, self.cfg = tokenizer, cfg
         self.prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-        self.ids, self.mask = left_pad_prompts(tokenizer, self.prompts)
+        bs = batch_size or getattr(cfg, "eval_batch_size", None) or len(self.prompts)
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
+        # Each chunk padded to its own longest prompt: left padding and position ids keep a row's tokens
+        # the same at any width (tests/test_guided_generate.py checks that).
+        self.chunks = [(lo, *left_pad_prompts(tokenizer, self.prompts[lo:lo + bs]))
+                       for lo in range(0, len(self.prompts), bs)]
         self.pad, self.eos = check_special_tokens(tokenizer)
-        self.fns = [get_reward(r) for r in cfg.rewards]
+        self.fns = list(rewards) if rewards is not None else [get_reward(r) for r in cfg.rewards]
 
     @torch.no_grad()
     def __call__(self, models: Sequence, coeffs, seed: int, search=None) -> np.ndarray:
         """Mean raw reward per objective [n] float64 of one sample per prompt row, sampled with ``seed``."""
+        from bonesoup.decode.batching import row_seeds
+        from bonesoup.decode.guided import guided_generate
         from bonesoup.decode.mage import mage_generate
+        from bonesoup.decode.values import Guidance
         from bonesoup.train.ppo.rollout import decode_responses
 
-        if search is None:
-            from bonesoup.decode.guided import guided_generate
-
-            g = guided_generate(models[0], list(models[1:]), coeffs, self.ids, self.mask,
-                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                seed=seed, stop_token_ids=[self.eos], pad_token_id=self.pad)
-        else:
-            from bonesoup.decode.values import Guidance
-
-            guide = Guidance("custom", tuple(models[1:]), tuple(float(c) for c in coeffs[1:]))
-            g = mage_generate(models[0], guide, self.ids, self.mask, w=1.0, max_new_tokens=self.cfg.max_new_tokens,
-                              temperature=self.cfg.temperature, seed=seed, stop_token_ids=[self.eos],
-                              pad_token_id=self.pad, search=search)
-        resp_mask = torch.arange(g.steps)[None, :] < g.lengths[:, None]
-        texts = decode_responses(self.tok, g.new_tokens, resp_mask, self.eos)
+        keys = row_seeds(seed, len(self.prompts))
+        texts: list[str] = []
+        for lo, ids, mask in self.chunks:
+            rows = keys[lo:lo + ids.shape[0]]
+            kw = dict(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, seed=rows,
+                      stop_token_ids=[self.eos], pad_token_id=self.pad)
+            if search is None:
+                g = guided_generate(models[0], list(models[1:]), coeffs, ids, mask, **kw)
+            else:
+                guide = Guidance("custom", tuple(models[1:]), tuple(float(c) for c in coeffs[1:]))
+                g = mage_generate(models[0], guide, ids, mask, w=1.0, search=search, **kw)
+            resp_mask = torch.arange(g.steps, device=g.lengths.device)[None, :] < g.lengths[:, None]
+            texts += decode_responses(self.tok, g.new_tokens, resp_mask, self.eos)
+        # Rewards see the whole set at once: a reward model batches by its own batch_size.
         return np.array([np.mean(f(self.prompts, texts)) for f in self.fns], dtype=np.float64)
 
 
@@ -104,15 +126,14 @@ def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
     return out
 
 
-def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int) -> dict:
+def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int, task) -> dict:
     """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path."""
     from bonesoup.eval.metrics import lmc_barrier, merge_gap
-    from bonesoup.tasks.review import task_prompts
     from bonesoup.train.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
 
-    data = sample_value_data(sft, task_prompts("test"), list(cfg.rewards), samples=256,
-                             max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed)
-    qs = [load_value_model(v) for v in values]
+    data = sample_value_data(sft, task.prompts["test"], task.reward_fns(), samples=256,
+                             max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed, device=cfg.run_device())
+    qs = [load_value_model(v, device=cfg.run_device(), dtype=cfg.torch_dtype()) for v in values]
     ts = np.linspace(0.0, 1.0, 5)
     merged, ens = [], []
     explicit = live.guides["explicit"]
@@ -125,14 +146,17 @@ def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int) -> dic
             "barrier": lmc_barrier(ts, merged)["barrier"], "gap": merge_gap(merged, ens)}
 
 
-def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dict:
+def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool, task=None) -> dict:
     """Tune, then evaluate every method of ``cfg`` at ``cfg.points`` preferences with sampling seed ``1000 + seed``."""
-    from bonesoup.tasks.review import task_prompts
     from bonesoup.train.ppo.checkpoint_training import load_policy
 
-    live = LiveModels(cfg.beta, sft, paths["backbones"], paths["experts"], paths["values"])
-    val = Evaluator(live.tok, task_prompts("train")[:cfg.val_prompts], cfg.val_samples_per_prompt, cfg)
-    test = Evaluator(live.tok, task_prompts("test"), cfg.eval_samples_per_prompt, cfg)
+    task = task if task is not None else cfg.task_spec()
+    where = dict(device=cfg.run_device(), dtype=cfg.torch_dtype())
+    live = LiveModels(cfg.beta, sft, paths["backbones"], paths["experts"], paths["values"], **where)
+    fns = task.reward_fns()
+    val = Evaluator(live.tok, task.prompts["validation"][:cfg.val_prompts], cfg.val_samples_per_prompt, cfg,
+                    rewards=fns)
+    test = Evaluator(live.tok, task.prompts["test"], cfg.eval_samples_per_prompt, cfg, rewards=fns)
     sample_seed = 1000 + seed
     t0 = time.perf_counter()
     tuned = tune(cfg, live, val, sample_seed)
@@ -162,9 +186,10 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dic
         bar.close()
     # MORLHF: the oracles where trained, the experts at the ends.
     morlhf = {0.0: paths["experts"][1], 1.0: paths["experts"][0], **paths["morlhf"]}
-    res["morlhf"] = {str(m): test([load_policy(p)[0]], [1.0], sample_seed).tolist() for m, p in sorted(morlhf.items())}
+    res["morlhf"] = {str(m): test([load_policy(p, **where)[0]], [1.0], sample_seed).tolist()
+                     for m, p in sorted(morlhf.items())}
     res["sft"] = test([live.sft_model], [1.0], sample_seed).tolist()
-    res["lmc"] = _lmc(cfg, live, paths["values"], sft, seed)
+    res["lmc"] = _lmc(cfg, live, paths["values"], sft, seed, task)
     return res
 
 

@@ -148,38 +148,41 @@ class LiveModels:
         one-reward experts, the explicit value models). Backbones and experts may be LoRA adapter
         directories of the SFT model: their merges are then exact mixtures applied by AdapterSoups
         (no re-merge of weights), MOD's and MORLHF's models the adapters merged into SFT copies.
+    device, dtype : where every live model runs and the dtype it loads in (None: fp32).
     """
 
-    def __init__(self, beta: float, sft: Path, backbones: Sequence, experts: Sequence, values: Sequence):
+    def __init__(self, beta: float, sft: Path, backbones: Sequence, experts: Sequence, values: Sequence, *,
+                 device: str = "cpu", dtype=None):
         from bonesoup.decode.values import ValueSoup
         from bonesoup.merge.lora import is_adapter_dir
         from bonesoup.merge.live import LiveSoup
         from bonesoup.train.ppo.checkpoint_training import load_policy
 
         self.beta = beta
-        self.sft_model, self.tok = load_policy(sft)
+        where = dict(device=device, dtype=dtype)
+        self.sft_model, self.tok = load_policy(sft, **where)
         #: LoRA backbones / experts (``ExperimentConfig.lora_rank``): their soups are AdapterSoups on the SFT model
         self.lora_backbones = is_adapter_dir(backbones[0])
         self.lora_experts = is_adapter_dir(experts[0])
         if self.lora_backbones:
             from bonesoup.merge.adapter_soup import AdapterSoup
 
-            self.bone = AdapterSoup(load_policy(sft)[0], backbones, beta=beta)
-            self.bone_ext = AdapterSoup(load_policy(sft)[0], backbones, beta=beta)
+            self.bone = AdapterSoup(load_policy(sft, **where)[0], backbones, beta=beta)
+            self.bone_ext = AdapterSoup(load_policy(sft, **where)[0], backbones, beta=beta)
         else:
-            self.bone = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
-            self.bone_ext = LiveSoup(load_policy(sft)[0], backbones, beta=beta, sft=sft)
+            self.bone = LiveSoup(load_policy(sft, **where)[0], backbones, beta=beta, sft=sft, device=device)
+            self.bone_ext = LiveSoup(load_policy(sft, **where)[0], backbones, beta=beta, sft=sft, device=device)
         if self.lora_experts:
             from bonesoup.merge.adapter_soup import AdapterSoup
 
-            self.rewarded = AdapterSoup(load_policy(sft)[0], experts, method="rewarded")
-            implicit = _AdapterGuide(load_policy(sft)[0], experts, ref=self.sft_model)
+            self.rewarded = AdapterSoup(load_policy(sft, **where)[0], experts, method="rewarded")
+            implicit = _AdapterGuide(load_policy(sft, **where)[0], experts, ref=self.sft_model)
         else:
-            self.rewarded = LiveSoup(load_policy(sft)[0], experts, method="rewarded")
-            implicit = ValueSoup(experts, kind="implicit", ref=self.sft_model)
-        self.experts = [load_policy(e)[0] for e in experts]  # an adapter is merged into its own SFT copy
+            self.rewarded = LiveSoup(load_policy(sft, **where)[0], experts, method="rewarded", device=device)
+            implicit = ValueSoup(experts, kind="implicit", ref=self.sft_model, **where)
+        self.experts = [load_policy(e, **where)[0] for e in experts]  # an adapter is merged into its own SFT copy
         # MAGE implicit's guide: the experts merged with mu (ONE model) against the SFT reference.
-        self.guides = {"implicit": implicit, "explicit": ValueSoup(values, kind="explicit")}
+        self.guides = {"implicit": implicit, "explicit": ValueSoup(values, kind="explicit", **where)}
         #: per-objective extrapolation factors and guidance strengths, set by validation
         self.k = np.ones(len(backbones))
         self.w = {"implicit": 1.0, "explicit": 1.0}

@@ -1,9 +1,11 @@
 """The experiment's trained models, cached by fingerprint under ``out/models``.
 
 Each model's directory is :func:`bonesoup.fingerprint.cached_model_dir` of a
-description holding everything it depends on (the SFT's fingerprint, the
-training prompts, rewards, reward weights, PPO or value settings, seed, torch
-version); a rerun finds it and trains nothing.
+description holding everything it depends on, by content: the SFT
+checkpoint's (weights, config, tokenizer), the training prompts', each
+reward's (a reward model's files, a callable's source file, a built-in's
+arguments), the reward weights, PPO or value settings, seed, torch version;
+a rerun finds it and trains nothing, and a changed file is a new model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonesoup.fingerprint import cached_model_dir, checkpoint_fingerprint, fingerprint
+from bonesoup.fingerprint import cached_model_dir, directory_fingerprint
 
 __all__ = ["TrainedModels"]
 
@@ -36,17 +38,16 @@ class TrainedModels:
     seed : the training seed.
     """
 
-    def __init__(self, cfg, root: Path, sft: Path, seed: int, progress: bool):
-        from bonesoup.tasks.review import task_prompts
-
+    def __init__(self, cfg, root: Path, sft: Path, seed: int, progress: bool, *, task=None):
         self.cfg, self.models, self.sft, self.seed, self.progress = cfg, Path(root) / "models", sft, seed, progress
-        self.n = len(cfg.rewards)
+        #: the task (bonesoup.tasks.spec.TaskSpec): prompts and rewards (built once, shared by every run)
+        self.task = task if task is not None else cfg.task_spec()
+        self.n = len(self.task.rewards)
         #: names of the directories trained by this object (the rest were found)
         self.trained: list[str] = []
-        # The training prompts come from code: fingerprint them too, so a change there is a new model.
-        self.prompts = task_prompts("train")
-        self.common = {"sft": checkpoint_fingerprint(sft), "prompts": fingerprint(self.prompts),
-                       "rewards": list(cfg.rewards), "seed": seed, "torch": torch.__version__,
+        self.prompts = self.task.prompts["train"]
+        self.common = {"sft": directory_fingerprint(sft), **self.task.description(), "seed": seed,
+                       "torch": torch.__version__,
                        # How rollouts are drawn: a change of sampler is a new model.
                        "sampler": "guided_generate/derive_seed"}
 
@@ -56,8 +57,12 @@ class TrainedModels:
 
         c = self.cfg
         config = PPOConfig(steps=c.ppo_steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
-                           max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed)
-        desc = {**self.common, "weights": [round(float(x), 10) for x in weights], "ppo": dataclasses.asdict(config)}
+                           max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
+                           generation_batch_size=c.rollout_batch_size, bf16=c.torch_dtype() == torch.bfloat16)
+        ppo = dataclasses.asdict(config)
+        # Rollout i is drawn with its own key at the batch's width, whatever the generate chunk: not a new model.
+        del ppo["generation_batch_size"]
+        desc = {**self.common, "weights": [round(float(x), 10) for x in weights], "ppo": ppo}
         if c.lora_rank is not None:  # only then: full fine-tunes keep their cache keys
             desc["lora_rank"] = c.lora_rank
         prefix = f"{name}-lora{c.lora_rank}" if c.lora_rank is not None else name
@@ -66,8 +71,8 @@ class TrainedModels:
             return out
         _log(f"training {out.name} (weights {np.round(np.asarray(weights, float), 4).tolist()}"
              + (f", LoRA rank {c.lora_rank})" if c.lora_rank is not None else ")"))
-        train_checkpoint(self.sft, out, rewards=list(c.rewards), weights=weights, prompts=self.prompts,
-                         config=config, lora_rank=c.lora_rank, progress=self.progress,
+        train_checkpoint(self.sft, out, rewards=self.task.reward_fns(), weights=weights, prompts=self.prompts,
+                         config=config, lora_rank=c.lora_rank, progress=self.progress, device=c.run_device(),
                          metadata={"combination": name, "seed": self.seed})
         self.trained.append(out.name)
         return out
@@ -97,9 +102,10 @@ class TrainedModels:
         if all((o / "config.json").is_file() for o in outs):
             return outs
         _log(f"training {self.n} explicit value models ({c.value_samples} SFT samples, {c.value_steps} steps)")
-        train_value_models(self.sft, outs, rewards=list(c.rewards), weights=np.eye(self.n).tolist(),
+        train_value_models(self.sft, outs, rewards=self.task.reward_fns(), weights=np.eye(self.n).tolist(),
                            prompts=self.prompts, samples=c.value_samples, steps=c.value_steps,
-                           max_new_tokens=c.max_new_tokens, seed=self.seed, progress=self.progress)
+                           max_new_tokens=c.max_new_tokens, seed=self.seed, progress=self.progress,
+                           device=c.run_device())
         self.trained += [o.name for o in outs]
         return outs
 

@@ -1,10 +1,16 @@
 """``bonesoup train`` and ``bonesoup train-all``: PPO backbones, experts and MORLHF policies.
 
     bonesoup train --backbone 0 --beta 0.7 --out out/train/backbone-0      # embedded task
-    bonesoup train --sft ckpt/sft --prompts prompts.txt --rewards sentiment readability --expert 1 --out DIR
+    bonesoup train --sft ckpt/sft --prompts prompts.jsonl --rewards sentiment hf:rm/helpful --expert 1 --out DIR
+    bonesoup train --config task.yaml --backbone 0 --beta 0.7 --out DIR   # the experiment's config file
     bonesoup train-all --beta 0.7 --experts --eval --out out/train-all
     python -m torch.distributed.run --nproc_per_node 2 -m bonesoup train ...   # data parallel
 
+The task is data (:mod:`bonesoup.tasks.spec`): ``--config FILE`` (YAML or
+JSON, the same file ``bonesoup experiment`` takes: its task fields, device,
+dtype and rollout batch size are used here, its other fields ignored) and
+the flags (which override it) name the SFT checkpoint, the prompt files and
+the rewards (built-in names, ``hf:DIR`` reward models, ``module:function``).
 Without ``--sft`` the embedded task is used: its SFT model is built in code
 under ``--task-dir`` (once; reused after) and its prompts and rewards
 (sentiment, conciseness) are the defaults.
@@ -27,13 +33,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     d = PPOConfig()
     g = p.add_argument_group("model and data")
+    g.add_argument("--config", type=Path, help="YAML / JSON config file (the experiment's): task fields, device, "
+                   "dtype, rollout_batch_size; flags given override it")
+    g.add_argument("--task", help="embedded task that fills what is not given (default: review)")
     g.add_argument("--sft", type=Path, help="SFT checkpoint directory (default: the embedded task's, built in code)")
     g.add_argument("--task-dir", type=Path, default=Path("out") / "task",
                    help="embedded task: where its SFT model is built and cached (default %(default)s)")
-    g.add_argument("--prompts", type=Path, help="training prompts, one per line (default: the embedded task's)")
-    g.add_argument("--rewards", nargs="+", default=None, metavar="NAME",
-                   help="reward names, one per objective (default: the task's sentiment conciseness); "
-                   "built in: sentiment, readability, conciseness, length, coverage")
+    g.add_argument("--prompts", "--train-prompts", dest="train_prompts", type=Path,
+                   help="training prompts: .jsonl with a 'prompt' field, or plain text one per line "
+                   "(default: the embedded task's)")
+    g.add_argument("--rewards", nargs="+", default=None, metavar="REWARD",
+                   help="one per objective: a built-in name (sentiment, readability, conciseness, length, "
+                   "coverage), hf:DIR (a sequence-classification reward model) or module:function "
+                   "(default: the task's sentiment conciseness)")
     g.add_argument("--normalize", action="store_true",
                    help="z-normalise each reward with its mean and std over 256 SFT samples before combining "
                    "(default: combine the raw rewards; the built-in ones share a unit scale)")
@@ -64,7 +76,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="stop a step's PPO epochs once a minibatch's approximate KL exceeds 1.5 x KL (default off)")
     g.add_argument("--vf-coef", type=float, default=d.vf_coef)
     g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="(default: the task's response length)")
+    g.add_argument("--rollout-batch-size", type=int, default=None,
+                   help="rows per generate call in rollouts (default: the whole batch)")
     g.add_argument("--missing-eos-penalty", type=float, default=None)
     g.add_argument("--whiten-rewards", action="store_true")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -74,6 +88,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="(default: on for CUDA)")
     g = p.add_argument_group("run")
     g.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="bfloat16: forwards under bf16 autocast (fp32 weights) and reward models in bf16 "
+                   "(default: float32, or bf16 autocast on CUDA)")
     g.add_argument("--threads", type=int, help="torch CPU threads per process")
     g.add_argument("--force", action="store_true", help="replace existing output directories")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
@@ -109,27 +126,45 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--beta", type=float, required=True, help="backbone mixing strength in (0.5, 1)")
     p.add_argument("--experts", action="store_true", help="also train the single-reward experts")
     p.add_argument("--eval", action="store_true", help="evaluate SFT and trained models on held-out prompts")
-    p.add_argument("--eval-prompts", type=Path, help="held-out prompts, one per line (default: the task's)")
+    p.add_argument("--eval-prompts", "--test-prompts", dest="test_prompts", type=Path,
+                   help="held-out prompts, .jsonl or one per line (default: the task's)")
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt (default 8)")
     p.add_argument("--out", type=Path, default=Path("out") / "train-all", help="output root (default %(default)s)")
     _add_common(p)
     p.set_defaults(func=_cmd_train_all)
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
-    lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{what} file {path} holds no prompts")
-    return lines
+#: What ``train`` takes from a config file besides the task fields.
+_RUN_FIELDS = ("device", "dtype", "rollout_batch_size")
+
+
+def _task_values(args) -> dict:
+    """The task fields (and device, dtype, rollout batch size): the config file's, then the flags given."""
+    import dataclasses
+
+    from bonesoup.eval.experiment import ExperimentConfig, read_config_file
+    from bonesoup.tasks.spec import TASK_FIELDS
+
+    values = {}
+    if args.config is not None:
+        names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        values = {k: v for k, v in read_config_file(args.config, names).items() if k in TASK_FIELDS + _RUN_FIELDS}
+    for k in TASK_FIELDS + _RUN_FIELDS:
+        v = getattr(args, k, None)
+        if v is not None:
+            values[k] = str(v) if isinstance(v, Path) else v
+    return values
 
 
 def _setup(args):
-    """(sft dir, prompts, reward names, PPOConfig, normalisation) from the common arguments."""
+    """(sft dir, task spec, reward functions, PPOConfig, normalisation) from the common arguments."""
+    import os
+
     import torch
 
+    from bonesoup.tasks.spec import task_spec
     from bonesoup.train.ppo.trainer import PPOConfig
-    from bonesoup.train.rewards import RewardNormalization, available_rewards
-    from bonesoup.tasks.review import TASK_REWARDS, build_task_sft, task_prompts
+    from bonesoup.train.rewards import RewardNormalization
 
     if args.save_merged and args.lora_rank is None:
         raise ValueError("--save-merged applies to --lora-rank (a full fine-tune is saved whole)")
@@ -137,25 +172,35 @@ def _setup(args):
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    rewards = list(args.rewards or TASK_REWARDS)
-    for r in rewards:
-        if r not in available_rewards():
-            raise ValueError(f"--rewards: unknown reward {r!r}; built in: {available_rewards()}")
-    if len(rewards) < 2:
-        raise ValueError(f"--rewards needs at least 2 objectives, got {rewards}")
-    if args.sft is None:
-        sft = build_task_sft(args.task_dir / "sft", progress=not args.no_progress)
-    else:
-        sft = args.sft
-    prompts = _read_lines(args.prompts, "--prompts") if args.prompts else task_prompts("train")
+    values = _task_values(args)
+    run = {k: values.pop(k) for k in _RUN_FIELDS if k in values}
+    if run.get("dtype") not in (None, "float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {run['dtype']!r}")
+    test_prompts = values.pop("test_prompts", None)
+    # Reward models default to where this process trains (the trainer's own default under torchrun).
+    rm_device = run.get("device") or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available()
+                                      else "cpu")
+    spec = task_spec(**values, device=rm_device, dtype=run.get("dtype"), required_with_sft=())
+    if len(spec.rewards) < 2:
+        raise ValueError(f"--rewards needs at least 2 objectives, got {spec.reward_names}")
+    if test_prompts is not None:
+        from bonesoup.tasks.spec import read_prompts
+
+        spec.prompts["test"] = read_prompts(test_prompts, "test_prompts")
+    sft = spec.sft_dir(args.task_dir / "sft", progress=not args.no_progress)
+    rewards = spec.reward_fns()
+    bf16 = args.bf16 if args.bf16 is not None else (True if run.get("dtype") == "bfloat16" else None)
     config = PPOConfig(
         steps=args.steps, batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
         grad_accum_steps=args.grad_accum, ppo_epochs=args.epochs, lr=args.lr, kl_coef=args.kl_coef,
         kl_estimator=args.kl_estimator, adaptive_kl=args.adaptive_kl, target_kl=args.target_kl,
-        vf_coef=args.vf_coef, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        vf_coef=args.vf_coef, temperature=args.temperature, max_new_tokens=spec.max_new_tokens,
+        generation_batch_size=run.get("rollout_batch_size"),
         missing_eos_penalty=args.missing_eos_penalty, whiten_rewards=args.whiten_rewards, seed=args.seed,
-        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, early_stop_kl=args.early_stop_kl,
+        bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, early_stop_kl=args.early_stop_kl,
         save_every=args.save_every)
+    if args.device is None and run.get("device") is not None:
+        args.device = run["device"]
     if args.normalize and args.normalization:
         raise ValueError("--normalize and --normalization exclude each other")
     if not (args.normalize or args.normalization):
@@ -168,16 +213,17 @@ def _setup(args):
     else:
         from bonesoup.train.ppo.checkpoint_training import measure_reward_normalization
 
-        norm = measure_reward_normalization(sft, prompts, rewards, max_new_tokens=config.max_new_tokens,
+        norm = measure_reward_normalization(sft, spec.prompts["train"], rewards, max_new_tokens=config.max_new_tokens,
                                             temperature=config.temperature, seed=config.seed)
-    return sft, prompts, rewards, config, norm
+    return sft, spec, rewards, config, norm
 
 
 def _cmd_train(args) -> int:
     from bonesoup.train.ppo.checkpoint_training import train_checkpoint
     from bonesoup.train.rewards import combination_weights
 
-    sft, prompts, rewards, config, norm = _setup(args)
+    sft, spec, rewards, config, norm = _setup(args)
+    prompts = spec.prompts["train"]
     n = len(rewards)
     if args.beta is not None and args.backbone is None:
         raise ValueError("--beta applies to --backbone only")
@@ -216,9 +262,9 @@ def _cmd_train_all(args) -> int:
     from bonesoup.merge.coefficients import backbone_matrix
     from bonesoup.train.ppo.checkpoint_training import evaluate_checkpoint, train_checkpoint
     from bonesoup.train.rewards import CombinedReward
-    from bonesoup.tasks.review import task_prompts
 
-    sft, prompts, rewards, config, norm = _setup(args)
+    sft, spec, rewards, config, norm = _setup(args)
+    prompts = spec.prompts["train"]
     n = len(rewards)
     B = backbone_matrix(n, args.beta)
     runs = [(f"backbone-{j}", B[j]) for j in range(n)]
@@ -231,7 +277,8 @@ def _cmd_train_all(args) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if norm is not None and _is_main():
         (root / "reward_normalization.json").write_text(json.dumps(norm.to_dict(), indent=2))
-    summary = {"sft": str(sft), "beta": args.beta, "rewards": rewards, "lora_rank": args.lora_rank, "models": {}}
+    summary = {"sft": str(sft), "beta": args.beta, "rewards": spec.reward_names, "lora_rank": args.lora_rank,
+               "models": {}}
     for name, w in runs:
         if _is_main():
             print(f"[train-all] {name}: weights {np.round(w, 4).tolist()}", file=sys.stderr)
@@ -249,7 +296,7 @@ def _cmd_train_all(args) -> int:
                                    "final_kl": records[-1]["kl"],
                                    "seconds": sum(r["seconds"] for r in records)}
     if args.eval and _is_main():
-        eval_prompts = _read_lines(args.eval_prompts, "--eval-prompts") if args.eval_prompts else task_prompts("test")
+        eval_prompts = spec.prompts["test"]
         evals = {}
         for name, path, w in [("sft", sft, None), *[(nm, root / nm, w) for nm, w in runs]]:
             evals[name] = evaluate_checkpoint(path, eval_prompts, rewards, ref=sft if w is not None else None,
@@ -264,7 +311,7 @@ def _cmd_train_all(args) -> int:
         # How the rewards go together on SFT samples (Pearson): the conflict as the SFT model sees it.
         corr = np.corrcoef(np.asarray(evals["sft"]["per_sample"]).T)
         summary["sft_reward_correlation"] = corr.tolist()
-        _print_eval(evals, rewards)
+        _print_eval(evals, spec.reward_names)
         print(f"Pearson correlation of the rewards on SFT samples: {np.round(corr, 3).tolist()}")
     if _is_main():
         tmp = root / ".train-all.json.tmp"

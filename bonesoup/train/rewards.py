@@ -17,8 +17,11 @@ are registered by name:
                    prompt's content words) that the response contains.
 =================  =========================================================
 
-:class:`SequenceClassifierReward` wraps any transformers
-sequence-classification reward model (a real RM on a GPU).
+:class:`SequenceClassifierReward` (:mod:`bonesoup.train.reward_models`) wraps
+any transformers sequence-classification reward model (a real RM on a GPU).
+A task names its rewards as data (:class:`bonesoup.train.reward_spec.RewardSpec`):
+a registered name, ``"hf:DIR"`` or ``"module:function"``; :func:`get_reward`
+takes all of them.
 
 The combinations train the models that get merged: a one-hot weight vector
 (a Rewarded Soup expert), row j of ``backbone_matrix(n, beta)`` (Bone Soup
@@ -88,15 +91,25 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward(spec: str | RewardFn, **kwargs) -> RewardFn:
-    """A reward function from a registered name (``kwargs`` go to its factory) or a callable (returned as is)."""
+def get_reward(spec, **kwargs) -> RewardFn:
+    """A reward function from a callable (returned as is), a registered name (``kwargs`` go to its factory),
+    or any :class:`RewardSpec` entry: ``"hf:DIR"``, ``"module:function"``, ``"file.py:function"``, a mapping."""
     if callable(spec):
         if kwargs:
             raise TypeError(f"keyword arguments {sorted(kwargs)} apply to registered names only, not to {spec!r}")
         return spec
-    if spec not in _REGISTRY:
-        raise ValueError(f"reward must be a callable or one of {available_rewards()}, got {spec!r}")
-    return _REGISTRY[spec](**kwargs)
+    if isinstance(spec, str) and spec in _REGISTRY:
+        return _REGISTRY[spec](**kwargs)
+    if kwargs:
+        raise TypeError(f"keyword arguments {sorted(kwargs)} apply to registered names only, not to {spec!r}")
+    if isinstance(spec, str) and ":" not in spec:
+        raise ValueError(f"reward must be a callable or one of {available_rewards()} (or 'hf:DIR', "
+                         f"'module:function'), got {spec!r}")
+    from bonesoup.train.reward_spec import RewardSpec
+
+    s = RewardSpec.parse(spec, "reward")
+    s.check("reward")
+    return s.build()
 
 
 def _check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
@@ -216,67 +229,7 @@ class Coverage:
         return out
 
 
-class SequenceClassifierReward:
-    """A transformers sequence-classification reward model as a reward function.
-
-    Scores ``prompt + response`` (or the response alone) and returns the
-    logit of ``label`` (the single logit for a one-output RM).
-
-    Parameters
-    ----------
-    model : str, os.PathLike or transformers.PreTrainedModel
-        A checkpoint directory / hub name (loaded with
-        ``AutoModelForSequenceClassification``) or a loaded model.
-    tokenizer : tokenizer or None
-        Defaults to ``AutoTokenizer.from_pretrained(model)`` when ``model`` is a path.
-    label : int
-        Which output logit is the reward.
-    include_prompt : bool
-        Score ``prompt + response`` (True) or the response alone.
-    batch_size : int
-        Pairs per forward pass.
-    device, dtype
-        Where and in which dtype to run (e.g. ``"cuda"``, ``torch.bfloat16``).
-    """
-
-    name = "reward_model"
-
-    def __init__(self, model, tokenizer=None, *, label: int = 0, include_prompt: bool = True, batch_size: int = 32,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None, max_length: int = 512):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
-        if tokenizer is None:
-            raise ValueError("tokenizer is required when model is a loaded model")
-        n_labels = model.config.num_labels
-        if not 0 <= label < n_labels:
-            raise ValueError(f"label must be in [0, {n_labels}) for this model, got {label!r}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token; the reward model needs one to batch")
-        model.config.pad_token_id = tokenizer.pad_token_id
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.label, self.include_prompt, self.batch_size, self.max_length = label, include_prompt, batch_size, max_length
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        _check_pairs(prompts, responses)
-        texts = [p + r if self.include_prompt else r for p, r in zip(prompts, responses)]
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            # Right padding: the classifier reads the last non-pad token, and positions start at 0
-            # for every row (left pads would shift GPT-2's absolute positions).
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, padding_side="right",
-                                 max_length=self.max_length, return_tensors="pt").to(device)
-            logits = self.model(**enc).logits.float()
-            out.extend(logits[:, self.label].tolist())
-        return out
-
+from bonesoup.train.reward_models import SequenceClassifierReward  # noqa: E402  (it uses _check_pairs)
 
 register_reward("sentiment", Sentiment)
 register_reward("readability", Readability)

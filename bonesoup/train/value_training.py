@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bonesoup.decode.batching import position_ids_from_mask
+from bonesoup.decode.batching import model_device, position_ids_from_mask
 from bonesoup.fingerprint import checkpoint_fingerprint, fingerprint
 
 __all__ = ["ValueData", "make_value_model", "load_value_model", "sample_value_data", "value_targets",
@@ -103,8 +103,11 @@ def load_value_model(path: str | os.PathLike, *, device: str | torch.device = "c
 
 @torch.no_grad()
 def sample_value_data(sft: str | os.PathLike, prompts: Sequence[str], rewards: Sequence, *, samples: int = 2048,
-                      max_new_tokens: int = 20, temperature: float = 1.0, seed: int = 0) -> ValueData:
-    """Sample ``samples`` SFT completions (prompts cycled in order, per-sample seeded) and score them.
+                      max_new_tokens: int = 20, temperature: float = 1.0, seed: int = 0,
+                      device: str | torch.device = "cpu") -> ValueData:
+    """Sample ``samples`` SFT completions (prompts cycled in order, per-sample seeded) on ``device`` and score them.
+
+    The returned tensors are on the CPU, whatever the device.
 
     Sampling is the one decode loop's (:func:`bonesoup.train.ppo.rollout.sample_rollouts`,
     i.e. ``guided_generate`` with key ``derive_seed(seed, i)`` for completion i).
@@ -117,7 +120,7 @@ def sample_value_data(sft: str | os.PathLike, prompts: Sequence[str], rewards: S
         raise ValueError("prompts must be a non-empty sequence of strings")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
-    model, tok = load_policy(sft)
+    model, tok = load_policy(sft, device=device)
     fns, names = _reward_fns(rewards)
     ps = [prompts[i % len(prompts)] for i in range(samples)]
     (r,) = sample_rollouts(model, tok, ps, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -125,7 +128,7 @@ def sample_value_data(sft: str | os.PathLike, prompts: Sequence[str], rewards: S
     texts = decode_responses(tok, r.response, r.response_mask, tok.eos_token_id)
     obj = CombinedReward(fns, np.zeros(len(fns)), names=names).objectives(ps, texts)
     ids, mask, _ = r.full()
-    return ValueData(ids, mask, r.query.shape[1], r.response, r.response_mask,
+    return ValueData(ids.cpu(), mask.cpu(), r.query.shape[1], r.response.cpu(), r.response_mask.cpu(),
                      torch.as_tensor(obj, dtype=torch.float64), names)
 
 
@@ -144,16 +147,18 @@ def value_targets(data: ValueData, weights) -> torch.Tensor:
 
 
 def value_predictions(model, data: ValueData) -> torch.Tensor:
-    """``Q(prefix_<t, a_t)`` [N, T] fp32 for every response token a_t (autograd-enabled when the caller is)."""
-    pos = position_ids_from_mask(data.mask)
-    q = model(input_ids=data.ids, attention_mask=data.mask, position_ids=pos).logits
+    """``Q(prefix_<t, a_t)`` [N, T] fp32 on the model's device for every response token a_t (autograd-enabled
+    when the caller is); ``data`` may live anywhere (it is moved to the model's device)."""
+    dev = model_device(model)
+    ids, mask = data.ids.to(dev), data.mask.to(dev)
+    q = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     q = q[:, data.prompt_width - 1:-1].float()
-    return q.gather(-1, data.response.unsqueeze(-1)).squeeze(-1)
+    return q.gather(-1, data.response.to(dev).unsqueeze(-1)).squeeze(-1)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    return ((pred - target) ** 2 * m).sum() / m.sum().clamp(min=1)
+    m = mask.to(pred.device).float()
+    return ((pred - target.to(pred.device)) ** 2 * m).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -172,8 +177,8 @@ def ensemble_loss(models: Sequence, coeffs: Sequence[float], data: ValueData, we
     for s in range(0, len(data), batch_size):
         d = data.subset(torch.arange(s, min(s + batch_size, len(data))))
         pred = sum(float(c) * value_predictions(m, d) for c, m in zip(coeffs, models))
-        m = d.response_mask.float()
-        num += float((((pred - value_targets(d, weights)) ** 2) * m).sum())
+        m = d.response_mask.to(pred.device).float()
+        num += float((((pred - value_targets(d, weights).to(pred.device)) ** 2) * m).sum())
         den += float(m.sum())
     return num / max(den, 1.0)
 
@@ -182,7 +187,7 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
                        weights: Sequence[Sequence[float]], prompts: Sequence[str], samples: int = 2048,
                        max_new_tokens: int = 20, temperature: float = 1.0, steps: int = 300, batch_size: int = 64,
                        lr: float = 1e-3, seed: int = 0, holdout: float = 0.1, force: bool = False,
-                       progress: bool = False) -> list[Path]:
+                       progress: bool = False, device: str | torch.device = "cpu") -> list[Path]:
     """Train one explicit value model per weight vector on ONE shared set of SFT samples.
 
     Parameters
@@ -198,6 +203,7 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
     seed : sampling, hold-out split, minibatch order and init order.
     holdout : fraction of the completions held out to report the MSE (and the
         constant-mean predictor's, to show what was learned).
+    device : where the SFT samples are drawn and the value models trained (they are saved from there).
     force : rebuild even if cached. A directory whose ``bonesoup-value.json``
         holds the same fingerprint (every argument that matters, the SFT's own
         fingerprint, the torch version) is reused without sampling.
@@ -247,12 +253,12 @@ def train_value_models(sft: str | os.PathLike, out_dirs: Sequence[str | os.PathL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         data = sample_value_data(sft, prompts, rewards, samples=samples, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)
+                                 temperature=temperature, seed=seed, device=device)
         t_sample = time.perf_counter() - t0
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         n_hold = max(1, int(round(holdout * len(data))))
         held, train = data.subset(perm[:n_hold]), data.subset(perm[n_hold:])
-        sft_model, _ = load_policy(sft)
+        sft_model, _ = load_policy(sft, device=device)
         tok = AutoTokenizer.from_pretrained(sft)
         for k in todo:
             t1 = time.perf_counter()
