@@ -61,17 +61,23 @@ def _finite_or_none(x):
 def create_app(soup, model, tokenizer, *, api_key: str | None = None,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_prompt_tokens: int | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_name: str = "bonesoup",
-               default_alpha: float = 0.0, batch_greedy: bool = False,
+               default_alpha: float = 0.0, batch_greedy: bool | None = None,
                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
                backbones: Sequence | None = None, sft=None) -> FastAPI:
     """The FastAPI app serving ``model`` (whose weights ``soup`` re-merges) with ``tokenizer``.
 
     Parameters
     ----------
-    soup : bonesoup.LiveSoup
-        Built over ``model``. The app's engine is the only writer it expects;
-        another writer is tolerated (the engine re-checks the weights inside
-        ``soup.reading()`` and re-merges again if needed).
+    soup : bonesoup.LiveSoup or bonesoup.AdapterSoup
+        Built over ``model``. A LiveSoup (full-weight backbones): requests are
+        grouped by preference and the weights re-merged in place; the app's
+        engine is the only writer it expects, another is tolerated (the engine
+        re-checks the weights inside ``soup.reading()``). An AdapterSoup (LoRA
+        backbones): requests of all preferences decode in one batch, each row
+        at its own mixture, nothing re-merged; ``/v1/preference`` then sets
+        the shared default preference only (``bytes_moved`` 0), and
+        ``weights_version`` counts those changes. The engine must be its only
+        writer.
     api_key : str, optional
         When set, every endpoint but ``/health`` requires
         ``Authorization: Bearer <api_key>`` (401 otherwise).
@@ -84,11 +90,13 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         Largest request body (413 above it, read no further).
     default_alpha : float
         Extrapolation of a request that gives a ``preference`` but no ``alpha``.
-    batch_greedy : bool
+    batch_greedy : bool, optional
         Batch greedy and seeded prompts too (more throughput; a prompt's text
         may then depend, in near-ties, on the prompts it was batched with).
+        Default: off for a LiveSoup, on for an AdapterSoup.
     backbones, sft : directories, optional
-        What ``soup`` was built from, reported by ``GET /v1/models``.
+        What ``soup`` was built from (adapter directories for an
+        AdapterSoup), reported by ``GET /v1/models``.
 
     The engine's worker thread starts with the app (lifespan) or at the first
     request, and stops at shutdown. ``app.state.engine`` and
@@ -111,7 +119,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
     validation = {"n": soup.n, "max_tokens_limit": max_tokens_limit}
     served = {"backbones": [str(Path(b)) if isinstance(b, (str, Path)) else None for b in backbones]
               if backbones is not None else None,
-              "sft": str(Path(sft)) if isinstance(sft, (str, Path)) else None}
+              "sft": str(Path(sft)) if isinstance(sft, (str, Path)) else None,
+              "backbone_kind": "lora" if engine.adapters else "full",
+              "adapters": [{"path": None if a.path is None else str(a.path), "rank": a.rank}
+                           for a in soup.adapters] if engine.adapters else None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -203,11 +214,8 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        def snapshot():  # one consistent (version, preference, alpha): waits out a re-merge, off the loop
-            with soup.reading() as version:
-                return version, soup.preference, soup.alpha
-
-        version, pref, alpha = await anyio.to_thread.run_sync(snapshot)
+        # One consistent (version, preference, alpha): waits out a re-merge, so off the loop.
+        version, pref, alpha = await anyio.to_thread.run_sync(engine.snapshot)
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "bonesoup",
             "n_objectives": soup.n, "method": soup.method, "beta": soup.beta, **served,
