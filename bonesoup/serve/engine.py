@@ -17,10 +17,11 @@ the key ``guided_generate(seed=s)`` gives it on that request's own batch; a
 request without a seed gets a random 63-bit ``s``. A row's tokens therefore
 depend on its key, prompt and parameters only, never on its neighbours.
 
-Exactness. Greedy rows and seeded rows are decoded alone: batching with
-padding changes the logits in the last bits (5e-6 on the tiny GPT-2), which
-can flip a near-tie or a draw near a boundary. Unseeded sampled rows are
-batched up to ``max_batch_size``; ``batch_greedy=True`` batches every row.
+Exactness. With full-weight backbones greedy rows and seeded rows are
+decoded alone by default: batching with padding changes the logits in the
+last bits (5e-6 on the tiny GPT-2), which can flip a near-tie or a draw near
+a boundary. Unseeded sampled rows are batched up to ``max_batch_size``;
+``batch_greedy=True`` batches every row.
 
 Adapter backbones. When ``soup`` is an :class:`~bonesoup.AdapterSoup`
 (LoRA backbones on the SFT model) nothing is grouped and nothing is
@@ -30,7 +31,7 @@ gives every row the backbone coefficients of its own (preference, alpha),
 and decodes all of them together, ``max_batch_size`` rows per
 ``guided_generate`` call inside ``soup.rows(coefficients=[B, n])``: each row
 is the model merged at its own preference (to fp32 rounding). Greedy and
-seeded rows are batched too unless ``batch_greedy=False``: the issue accepts
+seeded rows are batched too unless ``batch_greedy=False``: we accept
 a greedy row that differs from its merged model only at a near-tie (< 1e-4
 in logit, from padding and the low-rank order of summation). Here
 ``weights_version`` counts changes of the shared default preference (no
