@@ -243,6 +243,16 @@ def test_shared_preference_models_and_metrics(server, lora):
     c.close()
 
 
+def test_embedded_adapters_load_in_peft_as_the_deltas_we_mix(lora):
+    peft = pytest.importorskip("peft")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(lora.base), lora.adapters[1]).merge_and_unload()
+    state, base = merged.state_dict(), lora.base.state_dict()
+    assert len(lora.deltas[1]) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    for key, d in lora.deltas[1].items():
+        torch.testing.assert_close(state[key].double() - base[key].double(), d, rtol=0, atol=1e-6)
+    assert 0.2 < float(torch.cat([d.flatten() for d in lora.deltas[1].values()]).std()) < 0.4  # delta = 0.3
+
+
 def test_cli_adapters_and_embedded_lora_default(tmp_path, lora):
     parser = argparse.ArgumentParser(prog="bonesoup")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))

@@ -154,8 +154,7 @@ def build_embedded_adapters(workdir: str | os.PathLike = SERVE_DEMO_DIR, *, n: i
     """
     import transformers
 
-    from bonesoup.merge.lora import LoraAdapter, LoraModule
-    from bonesoup.tasks.tiny_models import make_tiny_backbones
+    from bonesoup.tasks.tiny_models import make_tiny_backbones, random_gpt2_adapters
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"--lora-rank must be an integer >= 1, got {rank!r}")
@@ -163,22 +162,8 @@ def build_embedded_adapters(workdir: str | os.PathLike = SERVE_DEMO_DIR, *, n: i
     root = Path(workdir) / f"lora-n{n}-r{rank}"
     sft, _ = make_tiny_backbones(root, 0, seed=seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(sft)
-    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()
-              if type(m).__name__ == "Conv1D"}  # weight [in, out]
-    lora_alpha = 2 * rank  # scaling 2: the scaling rule is exercised, not 1
-    dirs = []
-    for j in range(n):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + j + 1)
-        modules = {}
-        for name, (d_in, d_out) in sorted(shapes.items()):
-            A = torch.randn(rank, d_in, generator=gen)
-            B = torch.randn(d_out, rank, generator=gen) * (delta / (rank ** 0.5 * (lora_alpha / rank)))
-            modules[name] = LoraModule(A, B, lora_alpha / rank)
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(sft), "r": rank,
-                  "lora_alpha": lora_alpha, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True,
-                  "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-                  "inference_mode": True}
-        dirs.append(LoraAdapter(config, modules).save(root / f"adapter-{j}", force=True))
+    adapters = random_gpt2_adapters(model, n, rank, seed=seed, delta=delta, base=str(sft))
+    dirs = [a.save(root / f"adapter-{j}", force=True) for j, a in enumerate(adapters)]
     return sft, dirs
 
 
