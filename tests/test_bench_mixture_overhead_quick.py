@@ -23,7 +23,7 @@ def test_bench_mixture_overhead_quick(tmp_path, capsys, load_benchmark):
     for x in rows:
         assert x["median_ms"] > 0 and x["time_over_merged"] > 0
         if x["mode"] == "merged":
-            assert x["flops_over_merged"] == 1.0 and x["max_abs_logit_diff"] is None
+            assert x["flops_over_merged"] == 1.0 and x["max_rel_logit_diff"] is None
             continue
         rows_, tokens = (r["prefill"][0], r["prefill"][1]) if x["shape"] == "prefill" else (r["decode"][0], 1)
         merged = next(y for y in rows if y["shape"] == x["shape"] and y["mode"] == "merged")["flops"]
@@ -31,5 +31,5 @@ def test_bench_mixture_overhead_quick(tmp_path, capsys, load_benchmark):
         assert R == 2 * x["rank"]
         # The mixture's extra FLOPs: 2 R (in + out) per adapted layer per token (+ R for the scaling).
         assert x["flops"] - merged == pytest.approx((per_token * R + layers * R) * rows_ * tokens)
-        assert x["max_abs_logit_diff"] < 1e-4  # the mixture rows are the merged models'
+        assert x["max_rel_logit_diff"] < 1e-5  # the mixture rows are the merged models (fp32 rounding)
     assert "time/merged" in capsys.readouterr().out

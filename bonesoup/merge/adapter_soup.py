@@ -56,39 +56,56 @@ class _Coefficients:
 
 
 class _MixtureLinear(nn.Module):
-    """A linear layer plus the n backbones' LoRA deltas, mixed by the soup's current coefficients."""
+    """A linear layer plus the n backbones' LoRA deltas, mixed by the soup's current coefficients.
+
+    Per forward: ``y = base(x)``, ``h = x A^T`` [.., R], per-row ``h *= col(c_r)``
+    (shared coefficients are folded into a cached copy of ``B`` instead),
+    then ``y += h B^T`` in place (one BLAS call, no [.., out] temporary) when
+    nothing needs ``y`` for autograd. ``B`` is stored as the transpose of a
+    contiguous [R, out] tensor so that call reads it row-major.
+    """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, block: torch.Tensor, coeffs: _Coefficients,
                  name: str):
         super().__init__()
         self.base_layer = base
-        self.register_buffer("lora_A", A, persistent=False)  # [R, in]
-        self.register_buffer("lora_B", B, persistent=False)  # [out, R], scaling folded in
+        self.register_buffer("lora_A", A.contiguous(), persistent=False)  # [R, in]
+        # [out, R], scaling folded in; a view of a contiguous [R, out] tensor (see the class docstring)
+        self.register_buffer("lora_B", B.t().contiguous().t(), persistent=False)
         self.register_buffer("block", block, persistent=False)  # [R] int64: the adapter of each rank column
         self._coeffs = coeffs
         self._name = name
-        self._cached = (-1, None)
+        self._cached = (-1, None, None)
 
-    def _columns(self) -> torch.Tensor:
-        """col(c): [R] or [B, R], in the layer's dtype; recomputed once per coefficient change."""
-        version, cols = self._cached
-        if version != self._coeffs.version:
-            cols = self._coeffs.c[..., self.block].to(self.lora_B.dtype)
-            self._cached = (self._coeffs.version, cols)
-        return cols
+    def _refresh(self) -> tuple:
+        """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
+        c = self._coeffs.c
+        cols = c[..., self.block].to(self.lora_B.dtype)
+        if cols.dim() == 2:  # per row: h is scaled, B^T stays as stored
+            cached = (self._coeffs.version, cols, self.lora_B.t())
+        else:  # shared: fold col(c) into the rows of B^T once per coefficient change
+            cached = (self._coeffs.version, None, (self.lora_B.t() * cols[:, None]).contiguous())
+        self._cached = cached
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        h = torch.nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., R]
-        cols = self._columns()
-        if cols.dim() == 2:  # per row: x is [B, L, in] (or [B, in])
+        A = self.lora_A
+        h = torch.nn.functional.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # [..., R]
+        cached = self._cached
+        if cached[0] != self._coeffs.version:
+            cached = self._refresh()
+        _, cols, Bt = cached
+        if cols is not None:  # per row: x is [B, L, in] (or [B, in])
             if x.dim() < 2 or x.shape[0] != cols.shape[0]:
                 raise RuntimeError(f"{self._name}: the soup holds per-row coefficients for {cols.shape[0]} rows but "
                                    f"the layer got a batch of shape {tuple(x.shape)}")
-            h = h * cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
-        else:
-            h = h * cols
-        return y + torch.nn.functional.linear(h, self.lora_B).to(y.dtype)
+            h = h.mul_(cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])) if not h.requires_grad \
+                else h * cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
+        if y.dtype == Bt.dtype and not y.requires_grad and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bt)
+            return y
+        return y + torch.matmul(h, Bt).to(y.dtype)
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
