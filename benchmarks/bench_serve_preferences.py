@@ -21,7 +21,8 @@ are counted from ``usage``). A sample is the wall time from releasing the
 16 requests to the last reply; modes alternate within each repeat (order
 rotated). Reported: requests/s and tokens/s (median over repeats), the
 ratio mixture / group+remerge (median of per-repeat ratios, so drift
-between repeats cancels), generate calls, rows per call and re-merges per
+between repeats cancels; also in process CPU time, which a loaded machine
+disturbs less than the wall clock), generate calls, rows per call and re-merges per
 sample, and whether the two concurrent modes returned the same texts (they
 serve the same merges; a difference can only be a near-tie).
 
@@ -89,8 +90,8 @@ def full_backbones(model, adapters) -> list[dict]:
     return out
 
 
-def concurrent(srv, bodies) -> tuple[float, list]:
-    """All bodies at once, one connection per request; (wall seconds, [(status, reply)])."""
+def concurrent(srv, bodies) -> tuple[float, float, list]:
+    """All bodies at once, one connection per request; (wall s, process CPU s, [(status, reply)])."""
     clients = [Client(srv) for _ in bodies]
     results = [None] * len(bodies)
     go = threading.Barrier(len(bodies) + 1)
@@ -103,22 +104,22 @@ def concurrent(srv, bodies) -> tuple[float, list]:
     for t in threads:
         t.start()
     go.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     for c in clients:
         c.close()
-    return wall, results
+    return wall, cpu, results
 
 
-def sequential(srv, bodies) -> tuple[float, list]:
+def sequential(srv, bodies) -> tuple[float, float, list]:
     c = Client(srv)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = [c.post(b) for b in bodies]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     c.close()
-    return wall, results
+    return wall, cpu, results
 
 
 def main(argv=None) -> int:
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                 engine, metrics = app.state.engine, app.state.metrics
                 calls0, rows0 = metrics.totals("bonesoup_generation_batch_rows")
                 remerges0 = len(engine.remerges)
-                wall, results = (sequential if mode == "one-at-a-time" else concurrent)(servers[mode], bodies)
+                wall, cpu, results = (sequential if mode == "one-at-a-time" else concurrent)(servers[mode], bodies)
                 bad = [r for r in results if r[0] != 200]
                 if bad:
                     print(f"[bench] {mode}: {len(bad)} requests failed: {bad[0]}", file=sys.stderr)
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
                 calls, rows = metrics.totals("bonesoup_generation_batch_rows")
                 texts[mode] = [r[1]["choices"][0]["text"] for r in results]
                 if rep:
-                    samples[mode].append({"seconds": wall, "tokens": sum(r[1]["usage"]["completion_tokens"]
+                    samples[mode].append({"seconds": wall, "cpu_seconds": cpu, "tokens": sum(r[1]["usage"]["completion_tokens"]
                                                                          for r in results),
                                           "generate_calls": calls - calls0, "rows": rows - rows0,
                                           "remerges": len(engine.remerges) - remerges0})
@@ -197,21 +198,25 @@ def main(argv=None) -> int:
         tps = statistics.median(s["tokens"] / s["seconds"] for s in samples[mode])
         table.append({"mode": mode, "requests_per_s": rps, "tokens_per_s": tps, "median_s": med(mode, "seconds"),
                       "generate_calls": med(mode, "generate_calls"), "rows_per_call":
-                      med(mode, "rows") / max(med(mode, "generate_calls"), 1), "remerges": med(mode, "remerges")})
+                      med(mode, "rows") / max(med(mode, "generate_calls"), 1), "remerges": med(mode, "remerges"),
+                      "cpu_seconds": med(mode, "cpu_seconds")})
     ratio = {other: statistics.median(b["seconds"] / a["seconds"] for a, b in zip(samples["mixture"],
                                                                                   samples[other]))
              for other in MODES[1:]}
+    cpu_ratio = {other: statistics.median(b["cpu_seconds"] / a["cpu_seconds"]
+                                          for a, b in zip(samples["mixture"], samples[other])) for other in MODES[1:]}
     print(f"{'mode':15} {'req/s':>8} {'tok/s':>8} {'median s':>9} {'generate calls':>15} {'rows/call':>10} "
-          f"{'re-merges':>10}")
+          f"{'re-merges':>10} {'CPU s':>7}")
     for x in table:
         print(f"{x['mode']:15} {x['requests_per_s']:8.1f} {x['tokens_per_s']:8.1f} {x['median_s']:9.3f} "
-              f"{x['generate_calls']:15.0f} {x['rows_per_call']:10.1f} {x['remerges']:10.0f}")
+              f"{x['generate_calls']:15.0f} {x['rows_per_call']:10.1f} {x['remerges']:10.0f} {x['cpu_seconds']:7.3f}")
     print(f"mixture / group+remerge requests/s: {ratio['group+remerge']:.2f}x (bar: >= 4x); mixture / one-at-a-time: "
-          f"{ratio['one-at-a-time']:.2f}x; texts differing between mixture and group+remerge: {mismatches} of "
+          f"{ratio['one-at-a-time']:.2f}x; in process CPU time: {cpu_ratio['group+remerge']:.2f}x and "
+          f"{cpu_ratio['one-at-a-time']:.2f}x; texts differing between mixture and group+remerge: {mismatches} of "
           f"{compared}")
     result = {**info, "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
               "repeats": args.repeats, "load_avg": os.getloadavg(), "table": table, "samples": samples,
-              "speedup_over": ratio, "text_mismatches": mismatches, "texts_compared": compared}
+              "speedup_over": ratio, "cpu_speedup_over": cpu_ratio, "text_mismatches": mismatches, "texts_compared": compared}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
