@@ -8,13 +8,16 @@ one process:
 
 - ``mixture``: an AdapterSoup server: every request's preference is its
   rows' own coefficients in the same ``guided_generate`` batch, nothing
-  re-merged (the engine takes what is queued when it wakes: the first
-  request may run alone, the rest together);
+  re-merged (a round waits up to ``--batch-wait-ms``, default 20, for
+  requests still being parsed and tokenised; 0: the first request may run
+  alone, the rest together);
 - ``group+remerge``: a LiveSoup server over full-weight backbones that are
   the same adapters merged into the SFT weights (``W + D_j``): one re-merge
   and one ``guided_generate`` call per distinct preference, in sequence;
 - ``one-at-a-time``: the mixture server with the 16 requests sent one after
-  another by one client.
+  another by one client;
+- ``mixture, no wait``: a second AdapterSoup server with ``batch_wait_s`` 0
+  (what the wait buys).
 
 Greedy, ``--max-tokens`` new tokens (a row may stop early at EOS; tokens
 are counted from ``usage``). A sample is the wall time from releasing the
@@ -60,7 +63,7 @@ from bonesoup.tasks.tiny_models import TINY_CORPUS  # noqa: E402
 
 BETA = 0.7
 KEY = "bench-key"
-MODES = ("mixture", "group+remerge", "one-at-a-time")
+MODES = ("mixture", "group+remerge", "one-at-a-time", "mixture, no wait")
 
 
 class Client:
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--batch-wait-ms", type=float, help="the mixture server's wait for requests still in the door "
+                   "(default: the engine's, 20 ms)")
     p.add_argument("--workdir", type=Path, help="where the tiny checkpoints go (default: a temporary directory)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -146,11 +151,17 @@ def main(argv=None) -> int:
     sft, adapter_dirs = build_embedded_adapters(args.workdir, rank=args.rank)
     mix_soup, mix_model, tok = load_adapter_soup(adapter_dirs, sft=sft, beta=BETA, device="cpu")
     mix_soup.set_preference([0.5, 0.5])
+    now_soup, now_model, _ = load_adapter_soup(adapter_dirs, sft=sft, beta=BETA, device="cpu")
+    now_soup.set_preference([0.5, 0.5])
     live_model = AutoModelForCausalLM.from_pretrained(sft).eval()
     live = LiveSoup(live_model, full_backbones(live_model, load_adapters(adapter_dirs)), beta=BETA)
     live.set_preference([0.5, 0.5])
-    apps = {"mixture": create_app(mix_soup, mix_model, tok, api_key=KEY, max_tokens_limit=args.max_tokens),
-            "group+remerge": create_app(live, live_model, tok, api_key=KEY, max_tokens_limit=args.max_tokens)}
+    wait = None if args.batch_wait_ms is None else args.batch_wait_ms / 1e3
+    apps = {"mixture": create_app(mix_soup, mix_model, tok, api_key=KEY, max_tokens_limit=args.max_tokens,
+                                  batch_wait_s=wait),
+            "group+remerge": create_app(live, live_model, tok, api_key=KEY, max_tokens_limit=args.max_tokens),
+            "mixture, no wait": create_app(now_soup, now_model, tok, api_key=KEY, max_tokens_limit=args.max_tokens,
+                                           batch_wait_s=0.0)}
     info = run_info("cpu")
     print(f"# {info['date']}  torch {info['torch']} ({info['torch_threads']} threads)  {args.requests} requests x "
           f"{args.max_tokens} tokens, n 2 adapters of rank {args.rank}, repeats {args.repeats}  "
@@ -159,15 +170,17 @@ def main(argv=None) -> int:
     samples = {m: [] for m in MODES}
     mismatches, compared = 0, 0
     rng = np.random.default_rng(0)
-    with ServerThread(apps["mixture"]) as mix_srv, ServerThread(apps["group+remerge"]) as live_srv:
-        servers = {"mixture": mix_srv, "group+remerge": live_srv, "one-at-a-time": mix_srv}
+    with ServerThread(apps["mixture"]) as mix_srv, ServerThread(apps["group+remerge"]) as live_srv, \
+            ServerThread(apps["mixture, no wait"]) as now_srv:
+        servers = {"mixture": mix_srv, "group+remerge": live_srv, "one-at-a-time": mix_srv,
+                   "mixture, no wait": now_srv}
         for rep in range(args.repeats + 1):  # repeat 0 warms up and is not kept
             m1 = rng.permutation(np.linspace(0.02, 0.98, args.requests))  # distinct preferences
             bodies = [{"prompt": pr, "max_tokens": args.max_tokens, "temperature": 0,
                        "preference": [float(m), float(1 - m)]} for pr, m in zip(prompts, m1)]
             texts = {}
-            for mode in MODES[rep % 3:] + MODES[: rep % 3]:
-                app = apps["group+remerge" if mode == "group+remerge" else "mixture"]
+            for mode in MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]:
+                app = apps["mixture" if mode == "one-at-a-time" else mode]
                 engine, metrics = app.state.engine, app.state.metrics
                 calls0, rows0 = metrics.totals("bonesoup_generation_batch_rows")
                 remerges0 = len(engine.remerges)
@@ -179,8 +192,8 @@ def main(argv=None) -> int:
                 calls, rows = metrics.totals("bonesoup_generation_batch_rows")
                 texts[mode] = [r[1]["choices"][0]["text"] for r in results]
                 if rep:
-                    samples[mode].append({"seconds": wall, "cpu_seconds": cpu, "tokens": sum(r[1]["usage"]["completion_tokens"]
-                                                                         for r in results),
+                    tokens = sum(r[1]["usage"]["completion_tokens"] for r in results)
+                    samples[mode].append({"seconds": wall, "cpu_seconds": cpu, "tokens": tokens,
                                           "generate_calls": calls - calls0, "rows": rows - rows0,
                                           "remerges": len(engine.remerges) - remerges0})
             if rep:
@@ -205,18 +218,20 @@ def main(argv=None) -> int:
              for other in MODES[1:]}
     cpu_ratio = {other: statistics.median(b["cpu_seconds"] / a["cpu_seconds"]
                                           for a, b in zip(samples["mixture"], samples[other])) for other in MODES[1:]}
-    print(f"{'mode':15} {'req/s':>8} {'tok/s':>8} {'median s':>9} {'generate calls':>15} {'rows/call':>10} "
+    print(f"{'mode':17} {'req/s':>8} {'tok/s':>8} {'median s':>9} {'generate calls':>15} {'rows/call':>10} "
           f"{'re-merges':>10} {'CPU s':>7}")
     for x in table:
-        print(f"{x['mode']:15} {x['requests_per_s']:8.1f} {x['tokens_per_s']:8.1f} {x['median_s']:9.3f} "
+        print(f"{x['mode']:17} {x['requests_per_s']:8.1f} {x['tokens_per_s']:8.1f} {x['median_s']:9.3f} "
               f"{x['generate_calls']:15.0f} {x['rows_per_call']:10.1f} {x['remerges']:10.0f} {x['cpu_seconds']:7.3f}")
     print(f"mixture / group+remerge requests/s: {ratio['group+remerge']:.2f}x (bar: >= 4x); mixture / one-at-a-time: "
-          f"{ratio['one-at-a-time']:.2f}x; in process CPU time: {cpu_ratio['group+remerge']:.2f}x and "
-          f"{cpu_ratio['one-at-a-time']:.2f}x; texts differing between mixture and group+remerge: {mismatches} of "
+          f"{ratio['one-at-a-time']:.2f}x; mixture / no wait: {ratio['mixture, no wait']:.2f}x; in process CPU "
+          f"time: {cpu_ratio['group+remerge']:.2f}x, {cpu_ratio['one-at-a-time']:.2f}x, "
+          f"{cpu_ratio['mixture, no wait']:.2f}x; texts differing between mixture and group+remerge: {mismatches} of "
           f"{compared}")
     result = {**info, "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
               "repeats": args.repeats, "load_avg": os.getloadavg(), "table": table, "samples": samples,
-              "speedup_over": ratio, "cpu_speedup_over": cpu_ratio, "text_mismatches": mismatches, "texts_compared": compared}
+              "speedup_over": ratio, "cpu_speedup_over": cpu_ratio, "text_mismatches": mismatches,
+              "texts_compared": compared, "batch_wait_s": apps["mixture"].state.engine.batch_wait_s}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -216,6 +216,32 @@ def test_seeded_rows_keep_their_row_seeds_keys_in_the_mixed_batch(server, lora, 
             assert body["choices"][j]["text"] == lora.text(ref)
 
 
+def test_a_round_waits_for_requests_in_the_door_then_batches_them(lora, monkeypatch):
+    from bonesoup.serve import Engine
+
+    calls = _record_calls(monkeypatch)
+    soup, model, tok = lora.live()
+    engine = Engine(soup, model, tok, batch_wait_s=30.0)
+    jobs = [engine.make_job([tok(p)["input_ids"]], ((0.3 + 0.1 * i, 0.7 - 0.1 * i), 0.0), max_tokens=2)
+            for i, p in enumerate(PROMPTS[:2])]
+    try:
+        with engine.arriving():  # a second request is still being tokenised
+            engine.submit(jobs[0])
+            time.sleep(0.3)
+            assert not jobs[0].future.done() and calls == []  # the round waits for it
+            engine.submit(jobs[1])
+        for j in jobs:
+            j.future.result(60)
+        assert [len(rows) for rows, _, _ in calls] == [2]  # one batch, two preferences
+        engine.batch_wait_s = 0.05
+        with engine.arriving():  # bounded: a request that never arrives holds the round up 50 ms at most
+            job = engine.make_job([tok("Hi")["input_ids"]], None, max_tokens=2)
+            engine.submit(job)
+            job.future.result(60)
+    finally:
+        engine.stop()
+
+
 def test_shared_preference_models_and_metrics(server, lora):
     srv, app, soup = server
     c = Client(srv)

@@ -223,6 +223,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="batch greedy and seeded prompts too (faster; their text may then depend on the batch in "
                    "near-ties below 1e-4 in logit). Default: off for full-weight backbones, on for adapters")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a round waits for requests still being parsed "
+                   "and tokenised to join its batch (default: 20 with adapters, 0 with full-weight backbones)")
     p.add_argument("--served-model-name", default="bonesoup", help="the model id clients send and see")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="live model dtype (default: as saved)")
@@ -284,7 +286,8 @@ def build_from_args(args):
     app = create_app(soup, model, tokenizer, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      model_name=args.served_model_name, default_alpha=args.alpha, batch_greedy=args.batch_greedy,
                      max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
-                     max_body_bytes=args.max_body_bytes, backbones=backbones, sft=sft)
+                     max_body_bytes=args.max_body_bytes, backbones=backbones, sft=sft,
+                     batch_wait_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1e3)
     return app, soup, api_key
 
 

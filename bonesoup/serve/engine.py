@@ -36,6 +36,10 @@ a greedy row that differs from its merged model only at a near-tie (< 1e-4
 in logit, from padding and the low-rank order of summation). Here
 ``weights_version`` counts changes of the shared default preference (no
 weights are written); a row's text depends on its own preference only.
+So that concurrent requests share a batch rather than the first running
+alone, a round does not start while requests are still being validated and
+tokenised (``arriving()``, entered by the app), for at most
+``batch_wait_s`` (default 20 ms; 0 = start at once).
 
 Isolation. A row the sampler cannot sample (its logits over the temperature
 are not finite: ``GuidedGeneration.invalid``) fails its own request with a
@@ -116,7 +120,7 @@ class Engine:
 
     def __init__(self, soup, model, tokenizer, *, metrics: Metrics | None = None, batch_greedy: bool | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
-                 autostart: bool = True):
+                 autostart: bool = True, batch_wait_s: float | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.soup, self.model, self.tokenizer = soup, model, tokenizer
@@ -132,6 +136,11 @@ class Engine:
             self._shared = (soup.version, [float(x) for x in soup.preference], float(soup.alpha),
                             [float(x) for x in soup.coefficients(soup.preference, soup.alpha)])
         self.batch_greedy = self.adapters if batch_greedy is None else bool(batch_greedy)
+        # Grouped re-merges gain nothing from waiting; one mixed batch does (see the module docstring).
+        self.batch_wait_s = (0.02 if self.adapters else 0.0) if batch_wait_s is None else float(batch_wait_s)
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s!r}")
+        self._arriving = 0
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.autostart = bool(autostart)  # False: nothing runs until step() is called (tests)
@@ -232,6 +241,18 @@ class Engine:
             self.start()
         return job.future
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Mark a request as on its way (parsing, tokenising) until its job is submitted or refused."""
+        with self._cv:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._arriving -= 1
+                self._cv.notify_all()
+
     def start(self) -> None:
         with self._cv:
             if self._thread is not None and self._thread.is_alive():
@@ -258,6 +279,10 @@ class Engine:
             with self._cv:
                 while not self._queue and not self._stop:
                     self._cv.wait()
+                # Requests in the door join this round (bounded: a slow one cannot hold the others up).
+                deadline = time.monotonic() + self.batch_wait_s
+                while self._arriving and not self._stop and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(left)
                 if self._stop:
                     return
             try:
