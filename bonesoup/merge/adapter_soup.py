@@ -58,11 +58,14 @@ class _Coefficients:
 class _MixtureLinear(nn.Module):
     """A linear layer plus the n backbones' LoRA deltas, mixed by the soup's current coefficients.
 
-    Per forward: ``y = base(x)``, ``h = x A^T`` [.., R], per-row ``h *= col(c_r)``
-    (shared coefficients are folded into a cached copy of ``B`` instead),
-    then ``y += h B^T`` in place (one BLAS call, no [.., out] temporary) when
-    nothing needs ``y`` for autograd. ``B`` is stored as the transpose of a
-    contiguous [R, out] tensor so that call reads it row-major.
+    Per forward, on the tokens as rows [T, in]: ``y = base(x)`` (a plain
+    Conv1D / nn.Linear inline, as one addmm), ``h = x A^T`` [T, R], per-row
+    ``h *= col(c_r)`` (shared coefficients are folded into a cached copy of
+    ``B`` instead), then ``y += h B^T`` in place (one BLAS call, no [T, out]
+    temporary) when nothing needs ``y`` for autograd. ``B`` is stored as the
+    transpose of a contiguous [R, out] tensor so that call reads it row-major.
+    On a tiny GPT-2 this took the per-row mixture's decode from 1.34x to 1.08x
+    the plain model's CPU time (benchmarks/RESULTS.md).
     """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, block: torch.Tensor, coeffs: _Coefficients,
@@ -76,6 +79,9 @@ class _MixtureLinear(nn.Module):
         self._coeffs = coeffs
         self._name = name
         self._cached = (-1, None, None)
+        # Layers computed inline in forward (exact types only: a subclass may change the product).
+        self._plain = "conv1d" if type(base).__name__ == "Conv1D" and type(base).__module__.startswith(
+            "transformers") else "linear" if type(base) is nn.Linear else None
 
     def _refresh(self) -> tuple:
         """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
@@ -89,23 +95,33 @@ class _MixtureLinear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        A = self.lora_A
-        h = torch.nn.functional.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # [..., R]
+        base, A = self.base_layer, self.lora_A
         cached = self._cached
         if cached[0] != self._coeffs.version:
             cached = self._refresh()
         _, cols, Bt = cached
-        if cols is not None:  # per row: x is [B, L, in] (or [B, in])
-            if x.dim() < 2 or x.shape[0] != cols.shape[0]:
-                raise RuntimeError(f"{self._name}: the soup holds per-row coefficients for {cols.shape[0]} rows but "
-                                   f"the layer got a batch of shape {tuple(x.shape)}")
-            h = h.mul_(cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])) if not h.requires_grad \
-                else h * cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
-        if y.dtype == Bt.dtype and not y.requires_grad and y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bt)
-            return y
-        return y + torch.matmul(h, Bt).to(y.dtype)
+        if cols is not None and (x.dim() < 2 or x.shape[0] != cols.shape[0]):
+            raise RuntimeError(f"{self._name}: the soup holds per-row coefficients for {cols.shape[0]} rows but "
+                               f"the layer got a batch of shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, x.shape[-1])
+        # A plain GPT-2 Conv1D or nn.Linear is computed here as one addmm (the module call and its
+        # reshapes cost as much as the LoRA products on small layers); other layers are called.
+        if self._plain == "conv1d":
+            y = torch.addmm(base.bias, x2, base.weight) if base.bias is not None else x2 @ base.weight
+        elif self._plain == "linear":
+            y = torch.nn.functional.linear(x2, base.weight, base.bias)
+        else:
+            y = base(x)
+            y = y.reshape(-1, y.shape[-1])
+        h = torch.nn.functional.linear(x2 if x2.dtype == A.dtype else x2.to(A.dtype), A)  # [T, R]
+        if cols is not None:  # per row: row b's tokens are h's rows b*L .. b*L + L - 1
+            scale = cols.repeat_interleave(h.shape[0] // cols.shape[0], 0) if h.shape[0] != cols.shape[0] else cols
+            h = h.mul_(scale) if not h.requires_grad else h * scale
+        if y.dtype == Bt.dtype and not y.requires_grad:
+            y = y.addmm_(h, Bt)
+        else:
+            y = y + torch.matmul(h, Bt).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
