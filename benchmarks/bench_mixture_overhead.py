@@ -36,6 +36,7 @@ preference (max logit difference).
     python benchmarks/bench_mixture_overhead.py                 # GPT-2 small shape, ~2 minutes on 1 thread
     python benchmarks/bench_mixture_overhead.py --quick         # seconds (tiny model; a test runs this)
     python benchmarks/bench_mixture_overhead.py --json out/mixture.json
+    python benchmarks/bench_mixture_overhead.py --model tiny --repeats 30   # the embedded server's model
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def check_exact(model, merged, adapters, soup, gen, vocab: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, ranks 2 4, n 2, 2 repeats (a test runs this)")
+    p.add_argument("--model", choices=sorted(SHAPES), default="small", help="GPT-2 small's shape (default) or the "
+                   "embedded server's tiny one")
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     p.add_argument("--n", type=int, nargs="+", default=[2, 3])
     p.add_argument("--repeats", type=int, default=5)
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    shape = SHAPES["tiny" if args.quick else "small"]
+    shape = SHAPES["tiny" if args.quick else args.model]
     model = make_model(shape)
     merged = copy.deepcopy(model)
     layers = adapted_layers(model)

@@ -64,8 +64,7 @@ class _MixtureLinear(nn.Module):
     ``B`` instead), then ``y += h B^T`` in place (one BLAS call, no [T, out]
     temporary) when nothing needs ``y`` for autograd. ``B`` is stored as the
     transpose of a contiguous [R, out] tensor so that call reads it row-major.
-    On a tiny GPT-2 this took the per-row mixture's decode from 1.34x to 1.08x
-    the plain model's CPU time (benchmarks/RESULTS.md).
+    (What these cost: benchmarks/bench_mixture_overhead.py, RESULTS.md.)
     """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, block: torch.Tensor, coeffs: _Coefficients,
