@@ -202,7 +202,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                      "(tiny adapters made in code under --workdir)")
     p.add_argument("--model-dir", type=Path, help="checkpoint giving the live model's architecture, config and "
                    "tokenizer (default: the first backbone)")
-    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (needed for alpha != 0)")
+    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (needed for alpha != 0; with --adapters: the "
+                   "base model the adapters apply to)")
     p.add_argument("--beta", type=float, help="backbone mixing strength in (0.5, 1) (method bone; demo: 0.7)")
     p.add_argument("--method", choices=merge_method_names(), default="bone")
     p.add_argument("--preference", type=float, nargs="+", help="initial preference (default: uniform)")
