@@ -13,10 +13,18 @@
   ``Q(s + chunk[:-1], chunk[-1])``, the expected final reward of the prefix.
 - :func:`mod_generate`: MOD, the decoding-time baseline: sample from
   ``sum_i mu_i z_i`` over the n experts' logits -- n forwards per step.
+
+LoRA backbones: when the base and/or the guidance models are adapter soups
+(:class:`~bonesoup.AdapterSoup`, e.g. the implicit value's tuned policy an
+AdapterSoup over the backbones with ``method="rewarded"``), ``preference=``
+[B, n] gives every row its own mixture in every such model, in one batch
+(:func:`bonesoup.guided_generate`'s ``preference``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -56,7 +64,7 @@ def mage_generate(base_model, guidance: Guidance | None, input_ids: torch.Tensor
                   attention_mask: torch.Tensor | None = None, *, w=1.0, max_new_tokens: int = 32,
                   temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, stop_token_ids=None,
                   pad_token_id: int | None = None, return_logprobs: bool = False,
-                  search: ChunkSearch | None = None) -> GuidedGeneration:
+                  search: ChunkSearch | None = None, preference=None) -> GuidedGeneration:
     """Guided decoding of the merged base with one guidance proxy: ``z = z_base + w * z_guide``.
 
     Parameters
@@ -78,6 +86,10 @@ def mage_generate(base_model, guidance: Guidance | None, input_ids: torch.Tensor
         Chunk-level search scored by an explicit value model. Decodes chunk
         by chunk (each chunk re-reads its prefix: no KV cache across
         chunks); ``forwards`` counts every model call, scoring included.
+    preference : [n] or per-row [B, n] floats, optional
+        For base and guidance models that are adapter soups (LoRA
+        backbones): each row decodes, and is scored, with every soup at its
+        own preference, no re-merge; refused when no model carries a soup.
 
     Returns
     -------
@@ -93,7 +105,8 @@ def mage_generate(base_model, guidance: Guidance | None, input_ids: torch.Tensor
               pad_token_id=pad_token_id, return_logprobs=return_logprobs)
     if search is None:
         return guided_generate(base_model, guides, coeffs, input_ids, attention_mask,
-                               max_new_tokens=max_new_tokens, seed=seed, **kw)
+                               max_new_tokens=max_new_tokens, seed=seed, preference=preference, **kw)
+    kw["preference"] = preference
     return _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search,
                          max_new_tokens=max_new_tokens, seed=seed, **kw)
 
@@ -122,10 +135,33 @@ def _take(x, idx: torch.Tensor):
     return x if not isinstance(x, torch.Tensor) or x.ndim == 0 else x[idx.to(x.device)]
 
 
+def _soup_rows(soup, preference):
+    """The soup's per-row coefficients at ``preference`` [B, n] (its shared alpha), or nothing when no soup."""
+    if soup is None:
+        return contextlib.nullcontext()
+    alpha = 0.0 if math.isnan(soup.alpha) else soup.alpha  # NaN: raw shared coefficients, no alpha to apply
+    return soup.rows(preference=preference, alpha=alpha)
+
+
+def _preference_rows(preference, B: int):
+    """``preference`` [n] or [B, n] as a float64 [B, n] tensor (None stays None)."""
+    if preference is None:
+        return None
+    p = torch.as_tensor(preference.tolist() if hasattr(preference, "tolist") else preference, dtype=torch.float64)
+    if p.ndim == 1:
+        p = p.expand(B, -1)
+    if p.ndim != 2 or p.shape[0] != B:
+        raise ValueError(f"preference must be [n] (every row) or [B = {B}, n] (one row per prompt), got shape "
+                         f"{tuple(p.shape)}")
+    return p
+
+
 @torch.no_grad()
 def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search: ChunkSearch, *,
                   max_new_tokens, seed, temperature, top_k, top_p, min_p, stop_token_ids, pad_token_id,
-                  return_logprobs) -> GuidedGeneration:
+                  return_logprobs, preference) -> GuidedGeneration:
+    from bonesoup.merge.adapter_soup import adapter_soup_of
+
     input_ids, mask = check_prompt(input_ids, attention_mask)
     device = model_device(base_model)
     input_ids, mask = input_ids.to(device), mask.to(device)
@@ -140,6 +176,8 @@ def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search:
     params = {k: _per_row(v, B) for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                     min_p=min_p).items()}
     coeffs = torch.as_tensor(coeffs, dtype=torch.float64)
+    prefs = _preference_rows(preference, B)
+    value_soup = adapter_soup_of(search.value) if prefs is not None else None
 
     new = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=device)
     lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
@@ -157,14 +195,16 @@ def _chunk_search(base_model, guides, coeffs, input_ids, attention_mask, search:
         cand_seeds = torch.tensor([derive_seed(int(seeds[b]), t, k) for b in active.tolist() for k in range(K)],
                                   dtype=torch.int64)
         c = coeffs if coeffs.ndim == 1 else coeffs[rep.cpu()]
+        p = None if prefs is None else prefs[rep.cpu()]  # candidate k of row b decodes at row b's preference
         g = guided_generate(base_model, guides, c, ids, m, max_new_tokens=steps, seed=cand_seeds,
-                            stop_token_ids=stops, pad_token_id=pad, return_logprobs=True,
+                            stop_token_ids=stops, pad_token_id=pad, return_logprobs=True, preference=p,
                             **{k: _take(v, rep.cpu()) for k, v in params.items()})
         forwards += g.forwards
         # Score each candidate by Q(prefix + chunk[:-1], chunk[-1]) at its last real token.
         seq, sm = g.sequences, torch.cat([m, (torch.arange(g.steps, device=device) < g.lengths[:, None]).long()], 1)
         pos = position_ids_from_mask(sm)
-        q = search.value(input_ids=seq, attention_mask=sm, position_ids=pos).logits.float()
+        with _soup_rows(value_soup, p):
+            q = search.value(input_ids=seq, attention_mask=sm, position_ids=pos).logits.float()
         forwards += 1
         last = ids.shape[1] + g.lengths - 1  # column of the chunk's last real token
         score = q[torch.arange(A * K, device=device), last - 1, seq[torch.arange(A * K, device=device), last]]

@@ -22,6 +22,11 @@ forwards per step whatever n.
 :class:`Guidance` is what decoding consumes: the guide models and the
 coefficient of each per unit of guidance strength ``w`` (implicit:
 ``[+1, -1]`` over [tuned, ref]; explicit: ``[+1]``).
+
+With LoRA backbones a guide can be an :class:`~bonesoup.AdapterSoup` model
+instead of a merged one (e.g. the tuned policy: a soup over the backbones
+with ``method="rewarded"``); ``mage_generate(..., preference=[B, n])`` then
+mixes it at each row's own preference, with no re-merge.
 """
 
 from __future__ import annotations

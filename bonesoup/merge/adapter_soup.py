@@ -56,39 +56,71 @@ class _Coefficients:
 
 
 class _MixtureLinear(nn.Module):
-    """A linear layer plus the n backbones' LoRA deltas, mixed by the soup's current coefficients."""
+    """A linear layer plus the n backbones' LoRA deltas, mixed by the soup's current coefficients.
+
+    Per forward, on the tokens as rows [T, in]: ``y = base(x)`` (a plain
+    Conv1D / nn.Linear inline, as one addmm), ``h = x A^T`` [T, R], per-row
+    ``h *= col(c_r)`` (shared coefficients are folded into a cached copy of
+    ``B`` instead), then ``y += h B^T`` in place (one BLAS call, no [T, out]
+    temporary) when nothing needs ``y`` for autograd. ``B`` is stored as the
+    transpose of a contiguous [R, out] tensor so that call reads it row-major.
+    (What these cost: benchmarks/bench_mixture_overhead.py, RESULTS.md.)
+    """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, block: torch.Tensor, coeffs: _Coefficients,
                  name: str):
         super().__init__()
         self.base_layer = base
-        self.register_buffer("lora_A", A, persistent=False)  # [R, in]
-        self.register_buffer("lora_B", B, persistent=False)  # [out, R], scaling folded in
+        self.register_buffer("lora_A", A.contiguous(), persistent=False)  # [R, in]
+        # [out, R], scaling folded in; a view of a contiguous [R, out] tensor (see the class docstring)
+        self.register_buffer("lora_B", B.t().contiguous().t(), persistent=False)
         self.register_buffer("block", block, persistent=False)  # [R] int64: the adapter of each rank column
         self._coeffs = coeffs
         self._name = name
-        self._cached = (-1, None)
+        self._cached = (-1, None, None)
+        # Layers computed inline in forward (exact types only: a subclass may change the product).
+        self._plain = "conv1d" if type(base).__name__ == "Conv1D" and type(base).__module__.startswith(
+            "transformers") else "linear" if type(base) is nn.Linear else None
 
-    def _columns(self) -> torch.Tensor:
-        """col(c): [R] or [B, R], in the layer's dtype; recomputed once per coefficient change."""
-        version, cols = self._cached
-        if version != self._coeffs.version:
-            cols = self._coeffs.c[..., self.block].to(self.lora_B.dtype)
-            self._cached = (self._coeffs.version, cols)
-        return cols
+    def _refresh(self) -> tuple:
+        """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
+        c = self._coeffs.c
+        cols = c[..., self.block].to(self.lora_B.dtype)
+        if cols.dim() == 2:  # per row: h is scaled, B^T stays as stored
+            cached = (self._coeffs.version, cols, self.lora_B.t())
+        else:  # shared: fold col(c) into the rows of B^T once per coefficient change
+            cached = (self._coeffs.version, None, (self.lora_B.t() * cols[:, None]).contiguous())
+        self._cached = cached
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        h = torch.nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., R]
-        cols = self._columns()
-        if cols.dim() == 2:  # per row: x is [B, L, in] (or [B, in])
-            if x.dim() < 2 or x.shape[0] != cols.shape[0]:
-                raise RuntimeError(f"{self._name}: the soup holds per-row coefficients for {cols.shape[0]} rows but "
-                                   f"the layer got a batch of shape {tuple(x.shape)}")
-            h = h * cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
+        base, A = self.base_layer, self.lora_A
+        cached = self._cached
+        if cached[0] != self._coeffs.version:
+            cached = self._refresh()
+        _, cols, Bt = cached
+        if cols is not None and (x.dim() < 2 or x.shape[0] != cols.shape[0]):
+            raise RuntimeError(f"{self._name}: the soup holds per-row coefficients for {cols.shape[0]} rows but "
+                               f"the layer got a batch of shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, x.shape[-1])
+        # A plain GPT-2 Conv1D or nn.Linear is computed here as one addmm (the module call and its
+        # reshapes cost as much as the LoRA products on small layers); other layers are called.
+        if self._plain == "conv1d":
+            y = torch.addmm(base.bias, x2, base.weight) if base.bias is not None else x2 @ base.weight
+        elif self._plain == "linear":
+            y = torch.nn.functional.linear(x2, base.weight, base.bias)
         else:
-            h = h * cols
-        return y + torch.nn.functional.linear(h, self.lora_B).to(y.dtype)
+            y = base(x)
+            y = y.reshape(-1, y.shape[-1])
+        h = torch.nn.functional.linear(x2 if x2.dtype == A.dtype else x2.to(A.dtype), A)  # [T, R]
+        if cols is not None:  # per row: row b's tokens are h's rows b*L .. b*L + L - 1
+            scale = cols.repeat_interleave(h.shape[0] // cols.shape[0], 0) if h.shape[0] != cols.shape[0] else cols
+            h = h.mul_(scale) if not h.requires_grad else h * scale
+        if y.dtype == Bt.dtype and not y.requires_grad:
+            y = y.addmm_(h, Bt)
+        else:
+            y = y + torch.matmul(h, Bt).to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -61,17 +61,23 @@ def _finite_or_none(x):
 def create_app(soup, model, tokenizer, *, api_key: str | None = None,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_prompt_tokens: int | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_name: str = "bonesoup",
-               default_alpha: float = 0.0, batch_greedy: bool = False,
+               default_alpha: float = 0.0, batch_greedy: bool | None = None,
                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
-               backbones: Sequence | None = None, sft=None) -> FastAPI:
+               backbones: Sequence | None = None, sft=None, batch_wait_s: float | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (whose weights ``soup`` re-merges) with ``tokenizer``.
 
     Parameters
     ----------
-    soup : bonesoup.LiveSoup
-        Built over ``model``. The app's engine is the only writer it expects;
-        another writer is tolerated (the engine re-checks the weights inside
-        ``soup.reading()`` and re-merges again if needed).
+    soup : bonesoup.LiveSoup or bonesoup.AdapterSoup
+        Built over ``model``. A LiveSoup (full-weight backbones): requests are
+        grouped by preference and the weights re-merged in place; the app's
+        engine is the only writer it expects, another is tolerated (the engine
+        re-checks the weights inside ``soup.reading()``). An AdapterSoup (LoRA
+        backbones): requests of all preferences decode in one batch, each row
+        at its own mixture, nothing re-merged; ``/v1/preference`` then sets
+        the shared default preference only (``bytes_moved`` 0), and
+        ``weights_version`` counts those changes. The engine must be its only
+        writer.
     api_key : str, optional
         When set, every endpoint but ``/health`` requires
         ``Authorization: Bearer <api_key>`` (401 otherwise).
@@ -84,11 +90,17 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         Largest request body (413 above it, read no further).
     default_alpha : float
         Extrapolation of a request that gives a ``preference`` but no ``alpha``.
-    batch_greedy : bool
+    batch_greedy : bool, optional
         Batch greedy and seeded prompts too (more throughput; a prompt's text
         may then depend, in near-ties, on the prompts it was batched with).
+        Default: off for a LiveSoup, on for an AdapterSoup.
+    batch_wait_s : float, optional
+        How long a round may wait for requests still being parsed and
+        tokenised, so that they join its batch (default 0.02 for an
+        AdapterSoup, 0 for a LiveSoup).
     backbones, sft : directories, optional
-        What ``soup`` was built from, reported by ``GET /v1/models``.
+        What ``soup`` was built from (adapter directories for an
+        AdapterSoup), reported by ``GET /v1/models``.
 
     The engine's worker thread starts with the app (lifespan) or at the first
     request, and stops at shutdown. ``app.state.engine`` and
@@ -100,7 +112,7 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     metrics = Metrics()
     engine = Engine(soup, model, tokenizer, metrics=metrics, batch_greedy=batch_greedy,
-                    max_batch_size=max_batch_size, max_queue=max_queue)
+                    max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
     ctx = engine.context_length
     if max_prompt_tokens is None:
         max_prompt_tokens = ctx - 1 if ctx else 8192
@@ -111,7 +123,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
     validation = {"n": soup.n, "max_tokens_limit": max_tokens_limit}
     served = {"backbones": [str(Path(b)) if isinstance(b, (str, Path)) else None for b in backbones]
               if backbones is not None else None,
-              "sft": str(Path(sft)) if isinstance(sft, (str, Path)) else None}
+              "sft": str(Path(sft)) if isinstance(sft, (str, Path)) else None,
+              "backbone_kind": "lora" if engine.adapters else "full",
+              "adapters": [{"path": None if a.path is None else str(a.path), "rank": a.rank}
+                           for a in soup.adapters] if engine.adapters else None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -203,11 +218,8 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        def snapshot():  # one consistent (version, preference, alpha): waits out a re-merge, off the loop
-            with soup.reading() as version:
-                return version, soup.preference, soup.alpha
-
-        version, pref, alpha = await anyio.to_thread.run_sync(snapshot)
+        # One consistent (version, preference, alpha): waits out a re-merge, so off the loop.
+        version, pref, alpha = await anyio.to_thread.run_sync(engine.snapshot)
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "bonesoup",
             "n_objectives": soup.n, "method": soup.method, "beta": soup.beta, **served,
@@ -235,32 +247,35 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
-        req = await validate(request, CompletionRequest)
-        if req.model is not None and req.model != model_name:
-            raise RequestError(404, f"model: {json.dumps(req.model)[:100]} is not served here; this server "
-                               f"serves {json.dumps(model_name)}", "model", "model_not_found")
-        if req.preference is None:
-            if req.alpha is not None and soup.preference is None:
-                raise bad_field("preference", "is required with alpha until the server has a preference")
-            target = CURRENT if req.alpha is None else (tuple(soup.preference), req.alpha)
-        else:
-            target = (tuple(req.preference), float(default_alpha) if req.alpha is None else req.alpha)
-        if target is not CURRENT:
-            check_target(soup, *target)
-        max_tokens = min(16, max_tokens_limit) if req.max_tokens is None else req.max_tokens
-        ids = await anyio.to_thread.run_sync(engine.encode, req.prompts)
-        for i, p in enumerate(ids):
-            where = f"prompt[{i}]" if isinstance(req.prompt, list) else "prompt"
-            if len(p) > max_prompt_tokens:
-                raise bad_field("prompt", f"{where} has {len(p)} tokens; this server takes at most "
-                                f"{max_prompt_tokens}")
-            if ctx is not None and len(p) + max_tokens > ctx:
-                raise bad_field("max_tokens", f"{where} ({len(p)} tokens) + max_tokens ({max_tokens}) exceeds "
-                                f"the model's context length {ctx}")
-        job = engine.make_job(ids, None if target is CURRENT else target, max_tokens=max_tokens,
-                              temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                              seed=req.seed, stop=req.stop or [])
-        res = await wait(engine.submit(job))
+        # Adapter backbones: the engine's next round waits (briefly) for requests still in the door.
+        with engine.arriving():
+            req = await validate(request, CompletionRequest)
+            if req.model is not None and req.model != model_name:
+                raise RequestError(404, f"model: {json.dumps(req.model)[:100]} is not served here; this server "
+                                   f"serves {json.dumps(model_name)}", "model", "model_not_found")
+            if req.preference is None:
+                if req.alpha is not None and soup.preference is None:
+                    raise bad_field("preference", "is required with alpha until the server has a preference")
+                target = CURRENT if req.alpha is None else (tuple(soup.preference), req.alpha)
+            else:
+                target = (tuple(req.preference), float(default_alpha) if req.alpha is None else req.alpha)
+            if target is not CURRENT:
+                check_target(soup, *target)
+            max_tokens = min(16, max_tokens_limit) if req.max_tokens is None else req.max_tokens
+            ids = await anyio.to_thread.run_sync(engine.encode, req.prompts)
+            for i, p in enumerate(ids):
+                where = f"prompt[{i}]" if isinstance(req.prompt, list) else "prompt"
+                if len(p) > max_prompt_tokens:
+                    raise bad_field("prompt", f"{where} has {len(p)} tokens; this server takes at most "
+                                    f"{max_prompt_tokens}")
+                if ctx is not None and len(p) + max_tokens > ctx:
+                    raise bad_field("max_tokens", f"{where} ({len(p)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                    f"the model's context length {ctx}")
+            job = engine.make_job(ids, None if target is CURRENT else target, max_tokens=max_tokens,
+                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                                  seed=req.seed, stop=req.stop or [])
+            fut = engine.submit(job)
+        res = await wait(fut)
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, reason, _) in enumerate(res["rows"])]
         completion_tokens = sum(n for _, _, n in res["rows"])

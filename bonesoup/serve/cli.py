@@ -2,6 +2,8 @@
 
     bonesoup serve                                   # embedded default: tiny checkpoints made in code
     bonesoup serve --backbones B1 B2 --sft S --beta 0.7 [--model-dir D] [--port 8000] [--api-key KEY]
+    bonesoup serve --adapters A1 A2 --sft S --beta 0.7    # LoRA backbones: every preference in one batch
+    bonesoup serve --lora-rank 8                          # embedded default with tiny LoRA backbones
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 from bonesoup.merge.methods import get_merge_method, merge_method_names
 from bonesoup.serve.protocol import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT
 
-__all__ = ["SERVE_DEMO_DIR", "ServerThread", "add_serve_parser", "build_embedded_default", "build_from_args",
-           "cmd_serve", "load_live_soup", "main"]
+__all__ = ["SERVE_DEMO_DIR", "ServerThread", "add_serve_parser", "build_embedded_adapters", "build_embedded_default",
+           "build_from_args", "cmd_serve", "load_adapter_soup", "load_live_soup", "main"]
 
 log = logging.getLogger("bonesoup.serve")
 
@@ -83,7 +85,7 @@ def load_live_soup(backbones: Sequence, *, beta: float | None, sft=None, model_d
     Returns ``(soup, model, tokenizer)``; the tokenizer is left-padding, with
     a pad token (the EOS token when the checkpoint has none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from bonesoup.merge.checkpoint import parse_dtype
     from bonesoup.merge.live import LiveSoup
@@ -95,16 +97,74 @@ def load_live_soup(backbones: Sequence, *, beta: float | None, sft=None, model_d
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
-    tok_dir = next((d for d in (model_dir, *backbones) if isinstance(d, (str, Path))
+    tokenizer = _tokenizer_from([model_dir, *backbones])
+    soup = LiveSoup(model, list(backbones), beta=beta, sft=sft, method=method)
+    return soup, model, tokenizer
+
+
+def _tokenizer_from(dirs):
+    from transformers import AutoTokenizer
+
+    tok_dir = next((d for d in dirs if isinstance(d, (str, Path))
                     and any((Path(d) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))), None)
     if tok_dir is None:
-        raise FileNotFoundError(f"no tokenizer files in {model_dir} or the backbone directories")
+        raise FileNotFoundError(f"no tokenizer files in {', '.join(str(d) for d in dirs)}")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    soup = LiveSoup(model, list(backbones), beta=beta, sft=sft, method=method)
-    return soup, model, tokenizer
+    return tokenizer
+
+
+def load_adapter_soup(adapters: Sequence, *, sft, beta: float | None, method: str = "bone",
+                      device: str | None = None, dtype: str | None = None):
+    """Load the SFT model from ``sft`` and install an AdapterSoup over the LoRA ``adapters`` on it.
+
+    Returns ``(soup, model, tokenizer)`` like :func:`load_live_soup`; the
+    adapters are checked against each other and against ``sft`` (their
+    recorded base), naming the directory that disagrees.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from bonesoup.merge.adapter_soup import AdapterSoup
+    from bonesoup.merge.checkpoint import parse_dtype
+    from bonesoup.merge.lora import load_adapters
+
+    if sft is None:
+        raise ValueError("--adapters needs --sft (the base model the adapters were trained on)")
+    loaded = load_adapters(list(adapters), sft=sft)
+    kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(sft, **kwargs).to(device).eval()
+    tokenizer = _tokenizer_from([sft, *adapters])
+    return AdapterSoup(model, loaded, beta=beta, method=method), model, tokenizer
+
+
+def build_embedded_adapters(workdir: str | os.PathLike = SERVE_DEMO_DIR, *, n: int = 2, rank: int = 8,
+                            seed: int = 0, delta: float = 0.3):
+    """Tiny GPT-2 SFT + ``n`` LoRA backbones of rank ``rank`` made in code; returns (sft, adapter dirs).
+
+    Each adapter targets every linear layer of the blocks (``c_attn``,
+    ``c_proj``, ``c_fc``; Conv1D, so ``fan_in_fan_out``) with seeded random
+    ``A`` and ``B`` whose delta ``s B A`` has entries of standard deviation
+    ``delta`` (0.3, as the full-weight default's, so preferences visibly
+    differ). Saved in peft's format (``peft.PeftModel.from_pretrained``
+    loads them), ``base_model_name_or_path`` = the SFT directory.
+    """
+    import transformers
+
+    from bonesoup.tasks.tiny_models import make_tiny_backbones, random_gpt2_adapters
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--lora-rank must be an integer >= 1, got {rank!r}")
+    transformers.logging.disable_progress_bar()
+    root = Path(workdir) / f"lora-n{n}-r{rank}"
+    sft, _ = make_tiny_backbones(root, 0, seed=seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(sft)
+    adapters = random_gpt2_adapters(model, n, rank, seed=seed, delta=delta, base=str(sft))
+    dirs = [a.save(root / f"adapter-{j}", force=True) for j, a in enumerate(adapters)]
+    return sft, dirs
 
 
 def build_embedded_default(workdir: str | os.PathLike = SERVE_DEMO_DIR, *, n: int = 2, seed: int = 0,
@@ -130,12 +190,20 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve /v1/completions, /v1/preference, /v1/models, /health and /metrics. Each request may "
         "carry a preference; the server re-merges the live weights in place (LiveSoup) when the next request's "
         "preference differs from the current one. With no --backbones it builds tiny checkpoints in code (under "
-        f"--workdir, default {SERVE_DEMO_DIR}) and serves those (n=2, beta 0.7).",
+        f"--workdir, default {SERVE_DEMO_DIR}) and serves those (n=2, beta 0.7). With LoRA backbones "
+        "(--adapters, or --lora-rank for the embedded default) nothing is re-merged: requests of every "
+        "preference decode in one batch, each row at its own mixture of the adapters.",
     )
-    p.add_argument("--backbones", nargs="+", type=Path, metavar="DIR", help="backbone checkpoint directories")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--backbones", nargs="+", type=Path, metavar="DIR", help="backbone checkpoint directories")
+    src.add_argument("--adapters", nargs="+", type=Path, metavar="DIR", help="LoRA backbones: peft adapter "
+                     "directories on the --sft model (per-row preferences in one batch, no re-merge)")
+    src.add_argument("--lora-rank", type=int, metavar="R", help="embedded default with LoRA backbones of rank R "
+                     "(tiny adapters made in code under --workdir)")
     p.add_argument("--model-dir", type=Path, help="checkpoint giving the live model's architecture, config and "
                    "tokenizer (default: the first backbone)")
-    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (needed for alpha != 0)")
+    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (needed for alpha != 0; with --adapters: the "
+                   "base model the adapters apply to)")
     p.add_argument("--beta", type=float, help="backbone mixing strength in (0.5, 1) (method bone; demo: 0.7)")
     p.add_argument("--method", choices=merge_method_names(), default="bone")
     p.add_argument("--preference", type=float, nargs="+", help="initial preference (default: uniform)")
@@ -153,8 +221,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES}); 413 above it")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                    help="prompts per guided_generate call for batched (unseeded sampled) prompts")
-    p.add_argument("--batch-greedy", action="store_true", help="batch greedy and seeded prompts too (faster; "
-                   "their text may then depend on the batch in near-ties)")
+    p.add_argument("--batch-greedy", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch greedy and seeded prompts too (faster; their text may then depend on the batch in "
+                   "near-ties below 1e-4 in logit). Default: off for full-weight backbones, on for adapters")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a round waits for requests still being parsed "
+                   "and tokenised to join its batch (default: 20 with adapters, 0 with full-weight backbones)")
     p.add_argument("--served-model-name", default="bonesoup", help="the model id clients send and see")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="live model dtype (default: as saved)")
@@ -169,13 +240,26 @@ def build_from_args(args):
     """``(app, soup, api_key)`` from parsed ``serve`` arguments; raises ValueError on bad arguments."""
     from bonesoup.serve.app import create_app
 
-    if args.backbones:
+    adapters = getattr(args, "adapters", None)
+    lora_rank = getattr(args, "lora_rank", None)
+    if args.backbones or adapters:
         if get_merge_method(args.method).needs_beta and args.beta is None:
             raise ValueError(f"--beta is required for --method {args.method}")
-        backbones, sft, beta, model_dir = args.backbones, args.sft, args.beta, args.model_dir
+        backbones, sft, beta, model_dir = args.backbones or adapters, args.sft, args.beta, args.model_dir
+        if adapters and model_dir is not None:
+            raise ValueError("--model-dir applies to --backbones; with --adapters the model is --sft")
         for d in [*backbones, *([sft] if sft else []), *([model_dir] if model_dir else [])]:
             if not Path(d).is_dir():
                 raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    elif lora_rank is not None:
+        if args.model_dir is not None or args.sft is not None:
+            raise ValueError("--model-dir and --sft need --backbones or --adapters (--lora-rank alone: the embedded "
+                             "default with LoRA backbones)")
+        sft, backbones = build_embedded_adapters(args.workdir, rank=lora_rank)
+        adapters, model_dir = backbones, None
+        beta = 0.7 if args.beta is None else args.beta
+        log.warning("serving the embedded default: tiny GPT-2 with rank-%d LoRA backbones made in code under %s",
+                    lora_rank, args.workdir)
     else:
         if args.model_dir is not None or args.sft is not None:
             raise ValueError("--model-dir and --sft need --backbones (no --backbones: the embedded default)")
@@ -185,17 +269,26 @@ def build_from_args(args):
         log.warning("serving the embedded default: tiny GPT-2 backbones made in code under %s", args.workdir)
     if args.max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
-    soup, model, tokenizer = load_live_soup(backbones, beta=beta, sft=sft, model_dir=model_dir, method=args.method,
-                                            device=args.device, dtype=args.dtype)
-    pref = args.preference or [1.0 / soup.n] * soup.n
-    info = soup.set_preference(pref, alpha=args.alpha)
-    log.warning("initial weights: preference %s alpha %s (version %d, %.1f ms)", info.preference, info.alpha,
-                info.version, info.seconds * 1e3)
+    if adapters:
+        soup, model, tokenizer = load_adapter_soup(backbones, sft=sft, beta=beta, method=args.method,
+                                                   device=args.device, dtype=args.dtype)
+        pref = args.preference or [1.0 / soup.n] * soup.n
+        soup.set_preference(pref, alpha=args.alpha)
+        log.warning("LoRA backbones (ranks %s): default preference %s alpha %s; no re-merge",
+                    [a.rank for a in soup.adapters], soup.preference, soup.alpha)
+    else:
+        soup, model, tokenizer = load_live_soup(backbones, beta=beta, sft=sft, model_dir=model_dir,
+                                                method=args.method, device=args.device, dtype=args.dtype)
+        pref = args.preference or [1.0 / soup.n] * soup.n
+        info = soup.set_preference(pref, alpha=args.alpha)
+        log.warning("initial weights: preference %s alpha %s (version %d, %.1f ms)", info.preference, info.alpha,
+                    info.version, info.seconds * 1e3)
     api_key = args.api_key or os.environ.get("BONESOUP_API_KEY") or None
     app = create_app(soup, model, tokenizer, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      model_name=args.served_model_name, default_alpha=args.alpha, batch_greedy=args.batch_greedy,
                      max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
-                     max_body_bytes=args.max_body_bytes, backbones=backbones, sft=sft)
+                     max_body_bytes=args.max_body_bytes, backbones=backbones, sft=sft,
+                     batch_wait_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1e3)
     return app, soup, api_key
 
 

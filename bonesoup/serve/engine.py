@@ -17,10 +17,29 @@ the key ``guided_generate(seed=s)`` gives it on that request's own batch; a
 request without a seed gets a random 63-bit ``s``. A row's tokens therefore
 depend on its key, prompt and parameters only, never on its neighbours.
 
-Exactness. Greedy rows and seeded rows are decoded alone: batching with
-padding changes the logits in the last bits (5e-6 on the tiny GPT-2), which
-can flip a near-tie or a draw near a boundary. Unseeded sampled rows are
-batched up to ``max_batch_size``; ``batch_greedy=True`` batches every row.
+Exactness. With full-weight backbones greedy rows and seeded rows are
+decoded alone by default: batching with padding changes the logits in the
+last bits (5e-6 on the tiny GPT-2), which can flip a near-tie or a draw near
+a boundary. Unseeded sampled rows are batched up to ``max_batch_size``;
+``batch_greedy=True`` batches every row.
+
+Adapter backbones. When ``soup`` is an :class:`~bonesoup.AdapterSoup`
+(LoRA backbones on the SFT model) nothing is grouped and nothing is
+re-merged: each round takes its jobs in arrival order (a ``/v1/preference``
+job sets the shared default preference for the completions behind it),
+gives every row the backbone coefficients of its own (preference, alpha),
+and decodes all of them together, ``max_batch_size`` rows per
+``guided_generate`` call inside ``soup.rows(coefficients=[B, n])``: each row
+is the model merged at its own preference (to fp32 rounding). Greedy and
+seeded rows are batched too unless ``batch_greedy=False``: we accept
+a greedy row that differs from its merged model only at a near-tie (< 1e-4
+in logit, from padding and the low-rank order of summation). Here
+``weights_version`` counts changes of the shared default preference (no
+weights are written); a row's text depends on its own preference only.
+So that concurrent requests share a batch rather than the first running
+alone, a round does not start while requests are still being validated and
+tokenised (``arriving()``, entered by the app), for at most
+``batch_wait_s`` (default 20 ms; 0 = start at once).
 
 Isolation. A row the sampler cannot sample (its logits over the temperature
 are not finite: ``GuidedGeneration.invalid``) fails its own request with a
@@ -30,6 +49,7 @@ are not finite: ``GuidedGeneration.invalid``) fails its own request with a
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import secrets
 import threading
@@ -42,6 +62,8 @@ import torch
 
 from bonesoup.decode.batching import left_pad, resolve_stop_and_pad, row_seeds
 from bonesoup.decode.guided import guided_generate
+from bonesoup.merge.adapter_soup import AdapterSoup, adapter_soup_of
+from bonesoup.merge.live import RemergeInfo
 from bonesoup.serve.metrics import Metrics
 from bonesoup.serve.protocol import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, RequestError, bad_field
 
@@ -66,6 +88,7 @@ class _Row:
     stop: list[str]
     exact: bool  # greedy or seeded: decoded alone unless batch_greedy
     job: "_Job" = field(repr=False, default=None)
+    coeffs: list[float] | None = None  # adapter backbones: this row's backbone coefficients [n]
     result: tuple[str, str, int] | None = None  # text, finish_reason, completion tokens
     error: RequestError | None = None
 
@@ -77,6 +100,8 @@ class _Job:
     rows: list[_Row]
     future: concurrent.futures.Future
     submitted: float = field(default_factory=time.perf_counter)
+    #: adapter backbones: (weights_version, preference, alpha) the job was resolved to
+    resolved: tuple | None = None
 
 
 class Engine:
@@ -85,16 +110,37 @@ class Engine:
     ``submit`` is thread-safe and returns a ``concurrent.futures.Future``.
     ``step`` serves one round (everything queued at its start) in the calling
     thread; the worker thread (``start``) calls it in a loop.
+
+    ``soup`` is a :class:`~bonesoup.LiveSoup` over ``model`` (full-weight
+    backbones: grouped by preference, re-merged) or an
+    :class:`~bonesoup.AdapterSoup` installed on it (LoRA backbones: one
+    batch across preferences). ``batch_greedy`` None means False for a
+    LiveSoup and True for an AdapterSoup.
     """
 
-    def __init__(self, soup, model, tokenizer, *, metrics: Metrics | None = None, batch_greedy: bool = False,
+    def __init__(self, soup, model, tokenizer, *, metrics: Metrics | None = None, batch_greedy: bool | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
-                 autostart: bool = True):
+                 autostart: bool = True, batch_wait_s: float | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.soup, self.model, self.tokenizer = soup, model, tokenizer
         self.metrics = metrics or Metrics()
-        self.batch_greedy = bool(batch_greedy)
+        self.adapters = isinstance(soup, AdapterSoup)
+        if self.adapters:
+            if adapter_soup_of(model) is not soup:
+                raise ValueError("soup is an AdapterSoup that is not installed on model")
+            if not soup.preference:
+                raise ValueError("the AdapterSoup holds raw coefficients (set_coefficients); the server needs a "
+                                 "shared preference: call set_preference first")
+            # The shared default, changed only by this engine (read lock-free: one tuple assignment).
+            self._shared = (soup.version, [float(x) for x in soup.preference], float(soup.alpha),
+                            [float(x) for x in soup.coefficients(soup.preference, soup.alpha)])
+        self.batch_greedy = self.adapters if batch_greedy is None else bool(batch_greedy)
+        # Grouped re-merges gain nothing from waiting; one mixed batch does (see the module docstring).
+        self.batch_wait_s = (0.02 if self.adapters else 0.0) if batch_wait_s is None else float(batch_wait_s)
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s!r}")
+        self._arriving = 0
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.autostart = bool(autostart)  # False: nothing runs until step() is called (tests)
@@ -115,9 +161,23 @@ class Engine:
     # -- state
 
     def current(self):
-        """The weights the model holds: (tuple(preference), alpha), or None before the first re-merge."""
+        """The weights the model holds: (tuple(preference), alpha), or None before the first re-merge.
+
+        Adapter backbones: the shared default preference (rows without their own).
+        """
+        if self.adapters:
+            _, pref, alpha, _ = self._shared
+            return tuple(pref), alpha
         soup = self.soup
         return None if soup.preference is None else (tuple(float(x) for x in soup.preference), float(soup.alpha))
+
+    def snapshot(self) -> tuple[int, list[float] | None, float]:
+        """One consistent ``(weights_version, preference, alpha)`` (waits out a LiveSoup re-merge)."""
+        if self.adapters:
+            version, pref, alpha, _ = self._shared
+            return version, list(pref), alpha
+        with self.soup.reading() as version:
+            return version, self.soup.preference, self.soup.alpha
 
     @property
     def queue_depth(self) -> int:
@@ -181,6 +241,18 @@ class Engine:
             self.start()
         return job.future
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Mark a request as on its way (parsing, tokenising) until its job is submitted or refused."""
+        with self._cv:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._arriving -= 1
+                self._cv.notify_all()
+
     def start(self) -> None:
         with self._cv:
             if self._thread is not None and self._thread.is_alive():
@@ -207,6 +279,10 @@ class Engine:
             with self._cv:
                 while not self._queue and not self._stop:
                     self._cv.wait()
+                # Requests in the door join this round (bounded: a slow one cannot hold the others up).
+                deadline = time.monotonic() + self.batch_wait_s
+                while self._arriving and not self._stop and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(left)
                 if self._stop:
                     return
             try:
@@ -223,6 +299,9 @@ class Engine:
             self.metrics.queue_depth.set(0)
         if not jobs:
             return 0
+        if self.adapters:
+            self._step_adapters(jobs)
+            return len(jobs)
         current = self.current()
         groups: dict[Any, list[_Job]] = {}
         for job in jobs:
@@ -236,6 +315,44 @@ class Engine:
                     if not job.future.done():
                         job.future.set_exception(exc)
         return len(jobs)
+
+    def _step_adapters(self, jobs: list[_Job]) -> None:
+        """Adapter backbones: jobs in arrival order, every completion row at its own preference, batched."""
+        comps = []
+        for job in jobs:
+            if job.kind == "preference":
+                try:
+                    job.future.set_result(self._set_shared(*job.target))
+                except Exception as exc:  # validated by the protocol: not expected
+                    log.exception("setting the shared preference failed")
+                    job.future.set_exception(exc)
+                continue
+            version, pref, alpha, shared = self._shared
+            try:
+                if job.target is CURRENT:
+                    coeffs = shared
+                else:
+                    pref, alpha = list(job.target[0]), float(job.target[1])
+                    coeffs = [float(x) for x in self.soup.coefficients(pref, alpha)]
+            except Exception as exc:
+                job.future.set_exception(exc)
+                continue
+            job.resolved = (version, list(pref), alpha)
+            for r in job.rows:
+                r.coeffs = coeffs
+            comps.append(job)
+        if comps:
+            self._generate_jobs(comps, None, None)
+
+    def _set_shared(self, pref, alpha) -> RemergeInfo:
+        """Adapter backbones: the shared default preference; coefficients only, no weight is written."""
+        t0 = time.perf_counter()
+        coeffs = self.soup.set_preference(list(pref), alpha=alpha)
+        seconds = time.perf_counter() - t0
+        version = self.soup.version
+        self._shared = (version, [float(x) for x in pref], float(alpha), [float(x) for x in coeffs])
+        self.metrics.weights_version.set(version)
+        return RemergeInfo(version, [float(x) for x in pref], float(alpha), [float(x) for x in coeffs], seconds, 0, 0)
 
     def _remerge(self, key, reason: str):
         pref, alpha = key
@@ -295,23 +412,29 @@ class Engine:
             error = next((r.error for r in job.rows if r.error is not None), None)
             if error is not None:
                 job.future.set_exception(error)
-            else:
-                job.future.set_result({"weights_version": version, "preference": pref, "alpha": alpha,
-                                       "rows": [r.result for r in job.rows]})
+                continue
+            v, p, a = job.resolved if job.resolved is not None else (version, pref, alpha)
+            job.future.set_result({"weights_version": v, "preference": p, "alpha": a,
+                                   "rows": [r.result for r in job.rows]})
 
     def generate_rows(self, rows: Sequence[_Row]) -> None:
         """One ``guided_generate`` call over ``rows`` (left padded); fills each row's ``result`` or ``error``.
 
-        The caller holds ``soup.reading()``.
+        A LiveSoup's caller holds ``soup.reading()``; with adapter backbones
+        each row decodes at its own ``coeffs`` (``soup.rows``: per-row
+        coefficients for every forward of the call, alpha folded in).
         """
         ids, mask = left_pad([r.ids for r in rows], self.pad_id)
+        per_row = self.soup.rows(coefficients=[r.coeffs for r in rows]) if self.adapters \
+            else contextlib.nullcontext()
         t0 = time.perf_counter()
-        out = guided_generate(
-            self.model, [], [1.0], ids, mask, max_new_tokens=max(r.max_tokens for r in rows),
-            temperature=[r.temperature for r in rows], top_k=[r.top_k for r in rows],
-            top_p=[r.top_p for r in rows], min_p=[r.min_p for r in rows],
-            seed=torch.tensor([r.key for r in rows], dtype=torch.int64),
-            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, on_invalid="stop")
+        with per_row:
+            out = guided_generate(
+                self.model, [], [1.0], ids, mask, max_new_tokens=max(r.max_tokens for r in rows),
+                temperature=[r.temperature for r in rows], top_k=[r.top_k for r in rows],
+                top_p=[r.top_p for r in rows], min_p=[r.min_p for r in rows],
+                seed=torch.tensor([r.key for r in rows], dtype=torch.int64),
+                stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, on_invalid="stop")
         self.metrics.generation.observe(time.perf_counter() - t0)
         self.metrics.batch_rows.observe(len(rows))
         new, lengths, invalid = out.new_tokens.tolist(), out.lengths.tolist(), out.invalid.tolist()
@@ -339,7 +462,7 @@ class Engine:
             return RequestError(422, f"temperature: {row.temperature!r} is too small to sample with: at step "
                                 f"{step} the logits divided by it are not finite, so no token can be drawn; "
                                 "send 0 for greedy decoding or a larger temperature", "temperature")
-        alpha = float(self.soup.alpha)
+        alpha = float(row.job.resolved[2] if row.job is not None and row.job.resolved else self.soup.alpha)
         param = "alpha" if alpha else "preference"
         return RequestError(422, f"{param}: the model's logits at these weights are not finite at step {step} "
                             "(NaN or inf), so no token can be drawn", param)

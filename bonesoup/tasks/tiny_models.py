@@ -8,6 +8,8 @@
 - :func:`make_tiny_backbones`: an SFT checkpoint and n backbones (SFT plus
   small seeded random deltas), saved with ``save_pretrained`` like any HF
   checkpoint, optionally sharded.
+- :func:`random_gpt2_adapters`: n seeded random LoRA backbones of a GPT-2
+  model, in memory (``LoraAdapter``; ``.save(dir)`` writes peft's format).
 
 GPT-2 ties ``lm_head.weight`` to ``transformer.wte.weight``; transformers 5
 saves only ``transformer.wte.weight`` and re-ties on load, so the files hold
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_CORPUS", "make_tiny_tokenizer", "tiny_gpt2_config", "make_tiny_backbones"]
+__all__ = ["TINY_CORPUS", "make_tiny_tokenizer", "tiny_gpt2_config", "make_tiny_backbones", "random_gpt2_adapters"]
 
 #: Training text for the tiny tokenizer (also handy as prompts).
 TINY_CORPUS = (
@@ -157,3 +159,43 @@ def make_tiny_backbones(
                 param.add_(torch.randn(param.shape, generator=gen), alpha=delta)
         paths.append(save(root / f"backbone-{j}"))
     return sft_path, paths
+
+
+def random_gpt2_adapters(model, n: int, rank: int, *, seed: int = 0, delta: float = 0.3, base: str | None = None,
+                         target_modules=("c_attn", "c_proj", "c_fc")) -> list:
+    """``n`` seeded random LoRA adapters of rank ``rank`` on a GPT-2 ``model``'s Conv1D layers.
+
+    Every layer whose name ends in one of ``target_modules`` gets ``A`` [r, in]
+    and ``B`` [out, r] (float32) with ``lora_alpha = 2 r`` (scaling 2), drawn so
+    that the delta ``s B A`` has entries of standard deviation ``delta``. The
+    global torch RNG is left untouched.
+
+    Returns
+    -------
+    list of :class:`bonesoup.merge.lora.LoraAdapter`
+        In memory (``path`` None); ``base`` is recorded as ``base_model_name_or_path``.
+    """
+    from bonesoup.merge.lora import LoraAdapter, LoraModule
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()  # Conv1D weight: [in, out]
+              if type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in target_modules}
+    if not shapes:
+        raise ValueError(f"the model has no Conv1D layers named {list(target_modules)} (not a GPT-2?)")
+    lora_alpha = 2 * rank
+    scaling = lora_alpha / rank
+    adapters = []
+    for j in range(n):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + j + 1)
+        modules = {}
+        for name, (d_in, d_out) in sorted(shapes.items()):
+            A = torch.randn(rank, d_in, generator=gen)
+            B = torch.randn(d_out, rank, generator=gen) * (delta / (rank ** 0.5 * scaling))
+            modules[name] = LoraModule(A, B, scaling)
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+                  "lora_alpha": lora_alpha, "target_modules": list(target_modules), "fan_in_fan_out": True,
+                  "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+                  "inference_mode": True}
+        adapters.append(LoraAdapter(config, modules))
+    return adapters
