@@ -99,8 +99,23 @@ class _Preferences:
 def _report(results: list[dict], version: int, coeffs: list[float], preference, alpha: float, t0: float) -> dict:
     return {"version": version, "merge_s": max(r["merge_s"] for r in results),
             "publish_s": max(r["publish_s"] for r in results), "seconds": time.perf_counter() - t0,
-            "coefficients": coeffs, "preference": [float(x) for x in preference], "alpha": float(alpha),
-            "ranks": len(results), "launches": results[0]["launches"], "bytes_moved": results[0]["bytes_moved"]}
+            "coefficients": coeffs, "preference": None if preference is None else [float(x) for x in preference],
+            "alpha": float(alpha), "ranks": len(results), "launches": results[0]["launches"],
+            "bytes_moved": results[0]["bytes_moved"]}
+
+
+def _failures(results: list[dict]) -> tuple[list[dict], bool]:
+    """The ranks whose merge failed, and whether others switched (and must be put back)."""
+    failed = [r for r in results if "error" in r]
+    return failed, 0 < len(failed) < len(results)
+
+
+def _rpc_error(failed: list[dict]) -> Exception:
+    """One exception for the failed ranks, of the workers' type where it is a plain argument/memory error."""
+    kinds = {"ValueError": ValueError, "TypeError": TypeError, "MemoryError": MemoryError}
+    cls = kinds.get(failed[0]["error_type"], RuntimeError)
+    msgs = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
+    return cls(f"re-merge failed, the previous weights are still served ({msgs})")
 
 
 def _tag(out, version: int):
@@ -154,6 +169,7 @@ class SoupLLM:
         self.version = 0
         self.preference: list[float] | None = None
         self.alpha = 0.0
+        self._coefficients = [0.0] * len(self.backbones) + [1.0]  # version 0: the SFT model as loaded
         self._lock = threading.Lock()
         self.llm.llm_engine.set_weight_version("0")
 
@@ -178,16 +194,34 @@ class SoupLLM:
         ``alpha``, ``ranks``, ``launches`` (per rank), ``bytes_moved`` (per rank).
         A bad preference raises ValueError before anything changes.
         """
-        coeffs = self.coefficients(preference, alpha)
+        return self._apply(self.coefficients(preference, alpha), preference, alpha)
+
+    def set_coefficients(self, coefficients: Sequence[float]) -> dict:
+        """Re-merge with raw coefficients over the stored rows: n backbones, then SFT.
+
+        For merges a preference and one alpha do not describe (per-objective
+        extrapolation, one stored model as is). Checked on every rank before
+        anything is written; a bad one raises ValueError and changes nothing.
+        """
+        return self._apply(list(coefficients), None, float("nan"))
+
+    def _apply(self, coeffs: list, preference, alpha: float) -> dict:
         with self._lock:
             t0 = time.perf_counter()
             results = self.llm.collective_rpc(_RPC, args=(coeffs, self.version + 1))
+            failed, partial = _failures(results)
+            if failed:
+                if partial:  # the others switched: put them back on the served weights
+                    self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version))
+                raise _rpc_error(failed)
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
             self.version += 1
             self.llm.llm_engine.set_weight_version(str(self.version))
-            self.preference, self.alpha = [float(x) for x in preference], float(alpha)
-            return _report(results, self.version, coeffs, preference, alpha, t0)
+            self._coefficients = [float(x) for x in coeffs]
+            self.preference = None if preference is None else [float(x) for x in preference]
+            self.alpha = float(alpha)
+            return _report(results, self.version, self._coefficients, preference, alpha, t0)
 
     def generate(self, prompts, sampling_params=None, lora_request=None, **kwargs) -> list:
         """``vllm.LLM.generate`` on the current weights; each output gets ``weights_version``."""
@@ -248,6 +282,7 @@ class AsyncSoup:
         self.version = 0
         self.preference: list[float] | None = None
         self.alpha = 0.0
+        self._coefficients = [0.0] * len(backbones) + [1.0]  # version 0: the SFT model as loaded
         self._gate = _Gate()
 
     @classmethod
@@ -283,9 +318,16 @@ class AsyncSoup:
         """Pause (in-flight requests finish on the old weights), re-merge, reset the prefix cache, tag, resume.
 
         Returns the same dict as :meth:`SoupLLM.set_preference`; ``seconds``
-        includes waiting for in-flight requests, ``pause_s`` is that wait alone.
+        counts from the pause (the wait for in-flight requests not included),
+        ``pause_s`` is that wait. A bad preference raises ValueError and pauses nothing.
         """
-        coeffs = self.coefficients(preference, alpha)  # a bad preference never pauses anything
+        return await self._apply(self.coefficients(preference, alpha), preference, alpha)
+
+    async def set_coefficients(self, coefficients: Sequence[float]) -> dict:
+        """Raw coefficients over the stored rows (n backbones, then SFT); see :meth:`SoupLLM.set_coefficients`."""
+        return await self._apply(list(coefficients), None, float("nan"))
+
+    async def _apply(self, coeffs: list, preference, alpha: float) -> dict:
         t_wait = time.perf_counter()
         async with self._gate.change():
             # Also drains requests sent to self.engine directly, around our gate.
@@ -293,11 +335,18 @@ class AsyncSoup:
             try:
                 t0 = time.perf_counter()
                 results = await self.engine.collective_rpc(_RPC, args=(coeffs, self.version + 1))
+                failed, partial = _failures(results)
+                if failed:
+                    if partial:  # the others switched: put them back on the served weights
+                        await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version))
+                    raise _rpc_error(failed)
                 await self.engine.reset_prefix_cache()
                 self.version += 1
                 await self.engine.update_weight_version(str(self.version))
-                self.preference, self.alpha = [float(x) for x in preference], float(alpha)
-                info = _report(results, self.version, coeffs, preference, alpha, t0)
+                self._coefficients = [float(x) for x in coeffs]
+                self.preference = None if preference is None else [float(x) for x in preference]
+                self.alpha = float(alpha)
+                info = _report(results, self.version, self._coefficients, preference, alpha, t0)
             finally:
                 await self.engine.resume_generation()
         info["pause_s"] = t0 - t_wait

@@ -30,9 +30,16 @@ class SoupWorkerExtension:
         """Merge the stored rows with ``coefficients`` (backbones, then SFT) in place and republish.
 
         Returns this rank's ``merge_s``, ``publish_s``, ``launches``, ``bytes_moved``,
-        ``version`` and ``rank``. Bad coefficients raise before anything is written.
+        ``version`` and ``rank``; or, if anything failed, ``{"error", "error_type",
+        "rank"}`` with the old weights still live. It never raises: with tensor
+        parallelism, vLLM 0.32's multiprocess executor returns the first rank's
+        exception and leaves the other ranks' replies queued, where the next RPC
+        reads them. Bad coefficients fail before anything is written.
         """
-        out = self._bonesoup_arena().merge(coefficients, version)
+        try:
+            out = self._bonesoup_arena().merge(coefficients, version)
+        except Exception as e:  # reported to the client, which raises it
+            return {"error": str(e), "error_type": type(e).__name__, "rank": self.rank}
         out["rank"] = self.rank
         return out
 

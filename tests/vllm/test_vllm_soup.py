@@ -80,10 +80,13 @@ def test_bad_preference_is_refused_before_anything_changes(soup, tiny, prompts, 
 def test_failing_rpc_leaves_the_engine_serving_the_old_weights(soup, tiny, prompts, reference, greedy):
     soup.set_preference([0.3, 0.7])
     before, _ = _generate(soup, prompts[:3], greedy)
-    with pytest.raises(Exception, match="coefficients must hold 3 finite numbers"):
-        soup.llm.collective_rpc("bonesoup_set_coefficients", args=([1.0, 0.0], soup.version + 1))
-    with pytest.raises(Exception, match="coefficients must hold 3 finite numbers"):
-        soup.llm.collective_rpc("bonesoup_set_coefficients", args=([float("inf"), 0.0, 0.0], soup.version + 1))
+    version = soup.version
+    # raw coefficients are checked in the workers: the RPC fails there
+    with pytest.raises(ValueError, match="rank 0: coefficients must hold 3 finite numbers"):
+        soup.set_coefficients([1.0, 0.0])
+    with pytest.raises(ValueError, match="rank 0: coefficients must hold 3 finite numbers"):
+        soup.set_coefficients([float("inf"), 0.0, 0.0])
+    assert soup.version == version
     after, versions = _generate(soup, prompts[:3], greedy)
     assert after == before == reference(tiny, [0.3, 0.7], prompts=prompts[:3])
     assert versions == [soup.version] * 3
@@ -101,3 +104,9 @@ def test_engine_arguments_are_checked_before_start(tiny):
         SoupLLM(tiny[0], [tiny[1][0], tiny[0].parent / "missing"], beta=BETA)
     with pytest.raises(ValueError, match="load_format"):
         SoupLLM(tiny[0], tiny[1], beta=BETA, load_format="auto")
+
+
+def test_raw_coefficients_serve_one_stored_model_as_is(soup, tiny, prompts, reference, greedy):
+    info = soup.set_coefficients([0.0, 0.0, 1.0])  # the SFT row alone: 1 * x + 0 * y is exact in fp32
+    assert info["preference"] is None and info["version"] == soup.version
+    assert _generate(soup, prompts[:3], greedy)[0] == reference(tiny, None, prompts=prompts[:3])
