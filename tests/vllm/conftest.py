@@ -11,7 +11,6 @@ the transformers references are made once per session.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from pathlib import Path
@@ -31,23 +30,10 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_qwen2
-
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_qwen2, vllm_helpers
 
 from tiny_qwen2 import make_tiny_qwen2  # noqa: E402
-
-BETA = 0.7
-MAX_TOKENS = 16
-
-
-def shutdown_engine(llm) -> None:
-    """Free an in-process engine so the next module can start its own."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
+from vllm_helpers import MAX_TOKENS, References  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -76,40 +62,9 @@ def prompts(tiny):
     return short + [long]
 
 
-class References:
-    """Greedy tokens of transformers on ``bonesoup.merge_checkpoints`` at a preference (cached; None: the SFT model)."""
-
-    def __init__(self, root: Path):
-        self.root, self._cache, self._n = root, {}, 0
-
-    def __call__(self, models, preference, alpha=0.0, prompts=(), max_tokens=MAX_TOKENS, method="bone"):
-        from transformers import AutoModelForCausalLM
-
-        from bonesoup import guided_generate, merge_checkpoints
-
-        sft, backbones = models
-        key = (str(sft), preference and tuple(preference), alpha, method)
-        if key not in self._cache:
-            self._n += 1
-            out = sft if preference is None else merge_checkpoints(backbones, self.root / f"merged-{self._n}", preference=preference,
-                                    beta=BETA if method == "bone" else None, alpha=alpha, sft=sft, method=method,
-                                    progress=False)
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            self._cache[key] = (model, {})
-        model, toks = self._cache[key]
-        result = []
-        for ids in prompts:
-            if (tuple(ids), max_tokens) not in toks:
-                with torch.no_grad():
-                    g = guided_generate(model, [], [1.0], torch.tensor([ids]), max_new_tokens=max_tokens,
-                                        temperature=0.0, stop_token_ids=[])
-                toks[(tuple(ids), max_tokens)] = g.new_tokens[0].tolist()
-            result.append(toks[(tuple(ids), max_tokens)])
-        return result
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
+    """``reference(models, preference, alpha, prompts=..., max_tokens=...)``: transformers' greedy tokens."""
     return References(tmp_path_factory.mktemp("merged"))
 
 
@@ -118,7 +73,3 @@ def greedy():
     from vllm import SamplingParams
 
     return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-
-
-def token_prompts(prompts):
-    return [{"prompt_token_ids": list(p)} for p in prompts]

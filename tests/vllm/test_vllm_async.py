@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import BETA
+from vllm_helpers import BETA
 
 from bonesoup.vllm import AsyncSoup
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BETA, shutdown_engine, token_prompts
+from vllm_helpers import BETA, shutdown_engine, token_prompts
 
 from bonesoup.merge.coefficients import merge_coefficients
 from bonesoup.vllm import SoupLLM

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BETA, shutdown_engine, token_prompts
+from vllm_helpers import BETA, shutdown_engine, token_prompts
 
 from bonesoup.vllm import SoupLLM
 
