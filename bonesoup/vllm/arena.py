@@ -109,6 +109,7 @@ class SoupArena:
         self.version = 0
         self.coefficients: list[float] = [0.0] * (self.k - 1) + [1.0]  # as loaded: the last row (SFT)
         self._modules: list[tuple[torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
+        self.publish = "repack"  # or "views" (compute_on_views)
 
     # ------------------------------------------------------------------ load time
 
@@ -193,23 +194,49 @@ class SoupArena:
             torch.cuda.synchronize(self.device)
 
     def republish(self) -> None:
-        """Make the live arena what vLLM's kernels read: re-point parameters, re-run post-load processing."""
+        """Make the live arena what vLLM's kernels read.
+
+        ``publish="repack"``: re-point parameters at their views and re-run each
+        layer's post-load processing (fresh packed copies). ``publish="views"``:
+        nothing to do, the layers already compute on the views.
+        """
+        if self.publish == "views":
+            return
         with torch.no_grad():
-            for a in self._arenas:
-                for i, (_, p) in enumerate(a.params):
-                    p.data = a.view(i)  # processing may have swapped .data (e.g. a bias cast to fp32)
-            for module, entries in self._modules:
-                for attr, p in entries:
-                    if module._parameters.get(attr) is not p:  # replaced by an empty one after packing
-                        module._parameters[attr] = p
+            self._point_at_views()
+            for module, _ in self._modules:
                 module.quant_method.process_weights_after_loading(module)
+
+    def _point_at_views(self) -> None:
+        for a in self._arenas:
+            for i, (_, p) in enumerate(a.params):
+                p.data = a.view(i)  # processing may have swapped .data (e.g. a bias cast to fp32)
+        for module, entries in self._modules:
+            for attr, p in entries:
+                if module._parameters.get(attr) is not p:  # replaced by an empty one after packing
+                    module._parameters[attr] = p
+
+    def compute_on_views(self) -> None:
+        """``publish="views"``, once, after vLLM's post-load processing and before any forward (or compile).
+
+        Every processed layer gets its parameters back as arena views and, on the
+        CPU backend, ``torch.nn.functional.linear`` as its GEMM (in place of the
+        packed copy), so a merge is the only write a preference change needs. On
+        CUDA nothing was packed: the views are what the kernels read already.
+        """
+        self.publish = "views"
+        with torch.no_grad():
+            self._point_at_views()
+            for module, _ in self._modules:
+                if hasattr(module, "cpu_linear"):
+                    module.cpu_linear = torch.nn.functional.linear
 
     def info(self) -> dict:
         """What this rank holds (for checks and messages)."""
         return {"k": self.k, "sources": self.sources, "param_bytes": self.param_bytes,
                 "dtypes": [str(a.dtype) for a in self._arenas], "numel": [a.numel for a in self._arenas],
                 "version": self.version, "coefficients": list(self.coefficients), "device": str(self.device),
-                "republished_modules": len(self._modules)}
+                "publish": self.publish, "processed_modules": len(self._modules)}
 
     def live_state(self) -> dict[str, torch.Tensor]:
         """Clones of the live weights by vLLM parameter name (tests compare them with a reference merge)."""

@@ -17,7 +17,9 @@ lock, since its ``generate`` blocks); (2) every rank merges in place and
 republishes (one ``collective_rpc``); (3) the prefix cache is reset (cached KV
 blocks were computed by the old weights); (4) the version is tagged; (5)
 generation resumes. If the RPC fails the version does not move, the old weights
-stay live and the engine keeps serving.
+stay live and the engine keeps serving: workers report a failure in their reply
+(never raise: see ``SoupWorkerExtension``), and if only some ranks failed the
+others are merged back to the served coefficients before the error is raised.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, AsyncIterator, Sequence
 from bonesoup.merge.coefficients import merge_coefficients, validate_beta
 from bonesoup.merge.methods import get_merge_method
 
-from .loader import BACKBONES_KEY, LOAD_FORMAT
+from .loader import BACKBONES_KEY, LOAD_FORMAT, PUBLISH_KEY
 from .worker import WORKER_EXTENSION
 
 __all__ = ["SoupLLM", "AsyncSoup", "soup_engine_kwargs"]
@@ -41,8 +43,14 @@ __all__ = ["SoupLLM", "AsyncSoup", "soup_engine_kwargs"]
 _RPC = "bonesoup_set_coefficients"
 
 
-def soup_engine_kwargs(sft_dir, backbones: Sequence, *, tensor_parallel_size: int = 1, **engine_kwargs) -> dict:
+def soup_engine_kwargs(sft_dir, backbones: Sequence, *, tensor_parallel_size: int = 1, publish: str = "repack",
+                       **engine_kwargs) -> dict:
     """vLLM engine arguments that load ``sft_dir`` + ``backbones`` into arenas (for ``LLM`` or ``AsyncEngineArgs``).
+
+    ``publish`` (CPU backend): ``"repack"`` re-runs vLLM's post-load processing
+    after each merge (fresh oneDNN-packed copies: fast decode, the repack costs
+    about as much as the merge again); ``"views"`` runs the linear layers with
+    ``F.linear`` on the arena (the merge is the whole change; decode is slower).
 
     ``enforce_eager`` defaults to True on CPU: the CPU backend's compiled graphs
     were not verified to pick up republished (re-packed) weights.
@@ -56,6 +64,9 @@ def soup_engine_kwargs(sft_dir, backbones: Sequence, *, tensor_parallel_size: in
             raise ValueError(f"{taken!r} is set by bonesoup.vllm; do not pass it")
     extra = dict(engine_kwargs.pop("model_loader_extra_config", None) or {})
     extra[BACKBONES_KEY] = dirs
+    if publish not in ("repack", "views"):
+        raise ValueError(f"publish must be 'repack' or 'views', got {publish!r}")
+    extra[PUBLISH_KEY] = publish
     kwargs = dict(model=sft, load_format=LOAD_FORMAT, worker_extension_cls=WORKER_EXTENSION,
                   model_loader_extra_config=extra, tensor_parallel_size=int(tensor_parallel_size))
     if _on_cpu():

@@ -19,11 +19,13 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from .arena import SoupArena
 
-__all__ = ["LOAD_FORMAT", "BACKBONES_KEY", "SoupModelLoader", "find_arena"]
+__all__ = ["LOAD_FORMAT", "BACKBONES_KEY", "PUBLISH_KEY", "SoupModelLoader", "find_arena"]
 
 LOAD_FORMAT = "bonesoup"
 #: The key of ``model_loader_extra_config`` that lists the backbone directories (in preference order).
 BACKBONES_KEY = "bonesoup_backbones"
+#: How merged weights reach vLLM's kernels: "repack" (re-run post-load processing) or "views" (see SoupArena).
+PUBLISH_KEY = "bonesoup_publish"
 _ARENA_ATTR = "_bonesoup_arena"
 
 
@@ -39,10 +41,20 @@ class SoupModelLoader(DefaultModelLoader):
             raise ValueError(f"load_format={LOAD_FORMAT!r} needs model_loader_extra_config[{BACKBONES_KEY!r}]: a "
                              f"list of backbone directories, got {backbones!r}")
         self.backbones = list(backbones)
+        self.publish = extra.pop(PUBLISH_KEY, "repack")
+        if self.publish not in ("repack", "views"):
+            raise ValueError(f"model_loader_extra_config[{PUBLISH_KEY!r}] must be 'repack' or 'views', "
+                             f"got {self.publish!r}")
         # The default loader refuses keys it does not know: hand it the rest only. It
         # reads every checkpoint as safetensors (never pickles).
         super().__init__(dataclasses.replace(load_config, load_format="safetensors",
                                              model_loader_extra_config=extra))
+
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        if self.publish == "views":  # after vLLM's post-load processing, before any forward or compile
+            find_arena(model).compute_on_views()
+        return model
 
     def load_weights(self, model, model_config) -> None:
         sources = self.backbones + [model_config.model]
