@@ -17,7 +17,10 @@ matching vllm on a GPU), in its own environment, as ``scripts/setup-vllm-env.sh`
 """
 
 try:
-    import vllm  # noqa: F401
+    import vllm
+
+    if getattr(vllm, "__file__", None) is None:  # a directory named vllm on sys.path (tests/vllm, say)
+        raise ImportError(f"'vllm' is a bare directory here ({list(vllm.__path__)}), not the vLLM package")
 except ImportError as e:  # pragma: no cover - exercised in the main venv, where vllm is absent
     raise ImportError(
         "bonesoup.vllm needs vLLM, which is not installed in this environment. Install the optional extra "
