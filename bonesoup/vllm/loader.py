@@ -69,9 +69,13 @@ class SoupModelLoader(DefaultModelLoader):
             src = DefaultModelLoader.Source(self.backbones[row], None, prefix="",
                                             fall_back_to_pt=False,
                                             allow_patterns_overrides=getattr(model, "allow_patterns_overrides", None))
-            loaded = model.load_weights(self._get_weights_iterator(src))
-            if loaded is not None:
-                self.track_weights_loading(model, loaded)  # vLLM's own check: names a weight missing
+            try:
+                loaded = model.load_weights(self._get_weights_iterator(src))
+                if loaded is not None:
+                    self.track_weights_loading(model, loaded)  # vLLM's own check: names a weight missing
+            except Exception as e:  # a shape or key that does not fit the SFT model's architecture
+                raise ValueError(f"backbone {self.backbones[row]!r} does not load into the model of "
+                                 f"{model_config.model!r}: {type(e).__name__}: {e}") from e
             return loaded
 
         arena.capture(load_row)
