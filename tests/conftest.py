@@ -19,6 +19,13 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# tests/vllm/ runs in the vLLM environment (scripts/test.sh does it after the main
+# suite): vLLM's pins conflict with ours, so the main environment has no vllm.
+import importlib.util  # noqa: E402
+
+_vllm = importlib.util.find_spec("vllm")  # tests/vllm itself is a namespace package named vllm (origin None)
+collect_ignore = [] if _vllm is not None and _vllm.origin is not None else ["vllm"]
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
