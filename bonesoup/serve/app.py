@@ -63,7 +63,7 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_name: str = "bonesoup",
                default_alpha: float = 0.0, batch_greedy: bool = False,
                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
-               backbones: Sequence | None = None, sft=None) -> FastAPI:
+               backbones: Sequence | None = None, sft=None, engine=None) -> FastAPI:
     """The FastAPI app serving ``model`` (whose weights ``soup`` re-merges) with ``tokenizer``.
 
     Parameters
@@ -89,6 +89,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         may then depend, in near-ties, on the prompts it was batched with).
     backbones, sft : directories, optional
         What ``soup`` was built from, reported by ``GET /v1/models``.
+    engine : optional
+        A ready engine with the hf :class:`Engine`'s interface, used instead of
+        making one (``--engine vllm`` passes its ``VLLMEngine``; ``model`` and
+        the batching options are then unused).
 
     The engine's worker thread starts with the app (lifespan) or at the first
     request, and stops at shutdown. ``app.state.engine`` and
@@ -98,9 +102,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    metrics = Metrics()
-    engine = Engine(soup, model, tokenizer, metrics=metrics, batch_greedy=batch_greedy,
-                    max_batch_size=max_batch_size, max_queue=max_queue)
+    if engine is None:
+        engine = Engine(soup, model, tokenizer, metrics=Metrics(), batch_greedy=batch_greedy,
+                        max_batch_size=max_batch_size, max_queue=max_queue)
+    metrics = engine.metrics
     ctx = engine.context_length
     if max_prompt_tokens is None:
         max_prompt_tokens = ctx - 1 if ctx else 8192
