@@ -47,11 +47,9 @@ from bonesoup.serve.engine import CURRENT, Engine
 from bonesoup.serve.metrics import Metrics
 from bonesoup.serve.protocol import DEFAULT_MAX_QUEUE, RequestError
 
-__all__ = ["VLLMSoup", "VLLMEngine", "build_vllm_app", "make_tiny_qwen2_adapters", "VLLM_DEMO_DIR"]
+__all__ = ["VLLMSoup", "VLLMEngine", "build_vllm_app", "make_tiny_qwen2_adapters", "materialise_backbones"]
 
 log = logging.getLogger(__name__)
-
-VLLM_DEMO_DIR = Path("out") / "serve-vllm-demo"
 
 #: The modules the tiny adapters adapt (every linear layer of a Qwen2 block).
 _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,6 +105,30 @@ def make_tiny_qwen2_adapters(root, n: int = 2, *, rank: int = 4, seed: int = 0, 
                "inference_mode": True}
         LoraAdapter(cfg, modules).save(d)
     return sft, dirs
+
+
+def materialise_backbones(sft, adapter_dirs: Sequence, root) -> list[Path]:
+    """Each LoRA backbone as a full checkpoint, ``W + D_j`` (float64 sum, float32 weights, with the tokenizer).
+
+    For the full-weight path on the same models (tests, benchmarks): returns ``root/backbone-{j}``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bonesoup.merge.lora import load_adapter
+
+    out = []
+    for j, d in enumerate(adapter_dirs):
+        path = Path(root) / f"backbone-{j}"
+        if not (path / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
+            state = model.state_dict()
+            with torch.no_grad():
+                for name, delta in load_adapter(d).weight_deltas(torch.float64).items():
+                    state[name].copy_((state[name].to(torch.float64) + delta).to(torch.float32))
+            model.save_pretrained(path)
+            AutoTokenizer.from_pretrained(sft).save_pretrained(path)
+        out.append(path)
+    return out
 
 
 def _stop_ids(model_dir, tokenizer) -> set[int]:
@@ -196,6 +218,7 @@ class VLLMEngine:
         self._count_lock = threading.Lock()
         # full-weight mode, touched on the loop only
         self._waiting: list = []
+        self._taken: list = []  # the round being served
         self._running = 0
         self._idle: asyncio.Condition | None = None
         self._scheduler: asyncio.Task | None = None
@@ -294,17 +317,28 @@ class VLLMEngine:
         if not job.future.done():
             job.future.set_exception(exc)
 
-    def _target(self, job) -> tuple:
+    def _live(self) -> tuple | None:
+        """The current target (preference tuple, alpha); None before the first preference."""
         soup = self.soup
-        return (tuple(soup.preference), soup.alpha) if job.target is CURRENT else job.target
+        return None if soup.preference is None else (tuple(soup.preference), soup.alpha)
+
+    def _target(self, job) -> tuple | None:
+        return self._live() if job.target is CURRENT else job.target
 
     def _accept(self, job) -> None:
+        try:
+            self._dispatch(job)
+        except Exception as exc:  # noqa: BLE001 - a bug: fail the job rather than leave it waiting
+            log.exception("accepting a job failed")
+            self._fail(job, RequestError(500, f"internal error: {type(exc).__name__}", None, "server_error"))
+
+    def _dispatch(self, job) -> None:
         if self.soup.adapters:
             coro = self._adapter_preference(job) if job.kind == "preference" else self._completion(job)
             asyncio.ensure_future(self._guard(job, coro))
-        elif job.kind == "completion" and self._scheduler is None and \
-                (job.target is CURRENT or job.target == (tuple(self.soup.preference), self.soup.alpha)):
-            self._start_full(job, self._target(job))
+        elif job.kind == "completion" and self._scheduler is None and self._live() is not None and \
+                (job.target is CURRENT or job.target == self._live()):
+            self._start_full(job, self._live())
         else:
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
@@ -365,36 +399,48 @@ class VLLMEngine:
 
     async def _schedule(self) -> None:
         try:
-            while self._waiting:
-                async with self._idle:  # in-flight requests run on the live weights: let them finish
-                    await self._idle.wait_for(lambda: self._running == 0)
-                jobs, self._waiting = self._waiting, []
-                self.metrics.queue_depth.set(0)
-                live = (tuple(self.soup.preference), self.soup.alpha)
-                groups: dict[Any, list] = {}
-                for job in jobs:
-                    groups.setdefault(live if job.target is CURRENT else job.target, []).append(job)
-                for key in sorted(groups, key=lambda k: k != live):  # stable: live first, then by oldest job
-                    group = groups[key]
-                    prefs = [j for j in group if j.kind == "preference"]
-                    comps = [j for j in group if j.kind == "completion"]
-                    try:
-                        if prefs or key != (tuple(self.soup.preference), self.soup.alpha):
-                            info = await self._remerge(key, "api" if prefs else "request")
-                            for j in prefs:
-                                j.future.set_result(info)
-                    except Exception as exc:  # noqa: BLE001 - a failed re-merge fails its group only
-                        log.exception("re-merge to %s failed", key)
-                        for j in group:
-                            self._fail(j, RequestError(500, f"re-merge failed: {type(exc).__name__}: {exc}", None,
-                                                       "server_error"))
-                        continue
-                    for j in comps:
-                        self._start_full(j, key)
-                    async with self._idle:
-                        await self._idle.wait_for(lambda: self._running == 0)
+            await self._rounds()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            log.exception("the vLLM engine's scheduler failed")
+            for job in [*self._taken, *self._waiting]:
+                self._fail(job, RequestError(500, f"scheduling failed: {type(exc).__name__}", None, "server_error"))
+            self._waiting = []
+            raise
         finally:
             self._scheduler = None
+
+    async def _rounds(self) -> None:
+        while self._waiting:
+            async with self._idle:  # in-flight requests run on the live weights: let them finish
+                await self._idle.wait_for(lambda: self._running == 0)
+            jobs, self._waiting = self._waiting, []
+            self._taken = jobs
+            self.metrics.queue_depth.set(0)
+            live = self._live()
+            groups: dict[Any, list] = {}
+            for job in jobs:
+                groups.setdefault(live if job.target is CURRENT else job.target, []).append(job)
+            for key in sorted(groups, key=lambda k: k != live):  # stable: live first, then by oldest job
+                group = groups[key]
+                prefs = [j for j in group if j.kind == "preference"]
+                comps = [j for j in group if j.kind == "completion"]
+                try:
+                    if key is None:  # CURRENT before any preference: the protocol refuses that; kept safe
+                        raise RuntimeError("no current preference yet")
+                    if prefs or key != self._live():
+                        info = await self._remerge(key, "api" if prefs else "request")
+                        for j in prefs:
+                            j.future.set_result(info)
+                except Exception as exc:  # noqa: BLE001 - a failed re-merge fails its group only
+                    log.exception("re-merge to %s failed", key)
+                    for j in group:
+                        self._fail(j, RequestError(500, f"re-merge failed: {type(exc).__name__}: {exc}", None,
+                                                   "server_error"))
+                    continue
+                for j in comps:
+                    self._start_full(j, key)
+                async with self._idle:
+                    await self._idle.wait_for(lambda: self._running == 0)
 
     # -- one completion job (both modes)
 

@@ -123,3 +123,26 @@ class Client:
 
     def close(self):
         self.conn.close()
+
+
+class MergeReference(MixtureReference):
+    """The same references on full checkpoints: the model ``bonesoup.merge_checkpoints`` writes at a target."""
+
+    def __init__(self, sft, backbones, root, *, beta: float = BETA, method: str = "bone"):
+        from transformers import AutoTokenizer
+
+        self.sft, self.backbones, self.root, self.beta, self.method = sft, list(backbones), Path(root), beta, method
+        self.tok = AutoTokenizer.from_pretrained(sft)
+        self._models, self._tokens = {}, {}
+
+    def model(self, preference, alpha: float = 0.0):
+        from transformers import AutoModelForCausalLM
+
+        from bonesoup import merge_checkpoints
+
+        key = (tuple(preference), float(alpha))
+        if key not in self._models:
+            out = merge_checkpoints(self.backbones, self.root / f"merged-{len(self._models)}", preference=list(preference),
+                                    beta=self.beta, alpha=alpha, sft=self.sft, method=self.method, progress=False)
+            self._models[key] = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        return self._models[key]
