@@ -356,13 +356,18 @@ class AdapterSoupLLM:
                 rows = [i for i, k in enumerate(keys) if k in chunk]
                 mixes = {}
                 try:
-                    for i in rows:
-                        if keys[i] not in mixes:
+                    firsts = {keys[i]: i for i in reversed(rows)}  # one row per target
+                    for k, i in firsts.items():  # pin what is cached first: making the rest never evicts those
+                        hit = self.cache.pin_cached(prefs[i], alphas[i])
+                        if hit is not None:
+                            mixes[k] = hit
+                    for k, i in firsts.items():
+                        if k not in mixes:
                             mix, evicted = self.cache.acquire(prefs[i], alphas[i])
                             for old in evicted:
                                 self.llm.llm_engine.remove_lora(old.id)
                                 self.cache.discard(old)
-                            mixes[keys[i]] = mix
+                            mixes[k] = mix
                     got = self.llm.generate([prompts[i] for i in rows], [params[i] for i in rows],
                                             lora_request=[mixes[keys[i]].lora for i in rows], **kwargs)
                 finally:

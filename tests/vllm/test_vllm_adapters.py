@@ -70,6 +70,10 @@ def test_rows_at_different_preferences_in_one_batch_equal_the_offline_merge(llm,
         c, _ = merge_coefficients(pref, method="bone", beta=BETA, alpha=alpha, n=2)
         assert out.mixture.coefficients == pytest.approx(list(c), abs=1e-12)
     assert len({o.weights_version for o in outs}) == 2
+    created = llm.cache.created
+    again = llm.generate(rows[::-1], greedy, preference=[t[0] for t in targets[::-1]])  # the same 2 targets
+    assert llm.cache.created == created  # cached ones are pinned before anything is made: no thrash
+    assert [o.weights_version for o in again] == [o.weights_version for o in outs][::-1]
     refs = {tuple(map(tuple, (reference.tokens(*t, p, MAX_TOKENS) for p in prompts))) for t in TARGETS}
     assert len(refs) == len(TARGETS)  # the preferences generate different tokens: the equality means something
 
