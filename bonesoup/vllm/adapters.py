@@ -439,9 +439,13 @@ class AsyncAdapterSoup:
                     break
                 except SlotsBusy:
                     await self._slots.wait()
-            for old in evicted:
-                await self.engine.remove_lora(old.id)
-                self.cache.discard(old)
+            try:
+                for old in evicted:
+                    await self.engine.remove_lora(old.id)
+                    self.cache.discard(old)
+            except BaseException:  # cancelled or failed: do not leave the new adapter pinned
+                self.cache.release(mix)
+                raise
         return mix
 
     async def generate(self, prompt, sampling_params, request_id: str, *, preference: Sequence[float],
