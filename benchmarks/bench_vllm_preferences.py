@@ -68,7 +68,7 @@ def _count(outs) -> int:
 def run(args) -> dict:
     from vllm import SamplingParams
 
-    from bonesoup.serve.vllm_engine import make_tiny_qwen2_adapters, materialise_backbones
+    from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters, materialise_backbones
     from bonesoup.vllm.adapters import AdapterSoupLLM
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-vllm-prefs-"))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import shutil
 import tempfile
 import threading

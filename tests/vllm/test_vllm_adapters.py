@@ -11,7 +11,7 @@ import pytest
 from adapter_fixtures import BETA, PROMPTS, MixtureReference, shutdown_engine
 
 from bonesoup.merge.coefficients import merge_coefficients
-from bonesoup.serve.vllm_engine import make_tiny_qwen2_adapters
+from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters
 from bonesoup.vllm.adapters import AdapterSoupLLM, MixtureCache, round_target
 
 MAX_TOKENS = 12

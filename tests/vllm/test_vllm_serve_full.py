@@ -16,7 +16,7 @@ from adapter_fixtures import BETA, PROMPTS, Client, MergeReference
 pytest.importorskip("bonesoup.vllm.client", reason="the full-weight vLLM integration (bonesoup.vllm.AsyncSoup)")
 
 from bonesoup.serve.cli import ServerThread, add_serve_parser, build_from_args  # noqa: E402
-from bonesoup.serve.vllm_engine import make_tiny_qwen2_adapters, materialise_backbones  # noqa: E402
+from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters, materialise_backbones  # noqa: E402
 
 KEY = "vllm-full-key"
 MAX_TOKENS = 10
