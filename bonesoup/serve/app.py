@@ -63,7 +63,8 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_name: str = "bonesoup",
                default_alpha: float = 0.0, batch_greedy: bool | None = None,
                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
-               backbones: Sequence | None = None, sft=None, batch_wait_s: float | None = None) -> FastAPI:
+               backbones: Sequence | None = None, sft=None, batch_wait_s: float | None = None,
+               engine=None) -> FastAPI:
     """The FastAPI app serving ``model`` (whose weights ``soup`` re-merges) with ``tokenizer``.
 
     Parameters
@@ -101,6 +102,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
     backbones, sft : directories, optional
         What ``soup`` was built from (adapter directories for an
         AdapterSoup), reported by ``GET /v1/models``.
+    engine : optional
+        A ready engine with the hf :class:`Engine`'s interface, used instead of
+        making one (``--engine vllm`` passes its ``VLLMEngine``; ``model`` and
+        the batching options are then unused).
 
     The engine's worker thread starts with the app (lifespan) or at the first
     request, and stops at shutdown. ``app.state.engine`` and
@@ -110,9 +115,10 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    metrics = Metrics()
-    engine = Engine(soup, model, tokenizer, metrics=metrics, batch_greedy=batch_greedy,
-                    max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
+    if engine is None:
+        engine = Engine(soup, model, tokenizer, metrics=Metrics(), batch_greedy=batch_greedy,
+                        max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
+    metrics = engine.metrics
     ctx = engine.context_length
     if max_prompt_tokens is None:
         max_prompt_tokens = ctx - 1 if ctx else 8192
@@ -125,8 +131,7 @@ def create_app(soup, model, tokenizer, *, api_key: str | None = None,
               if backbones is not None else None,
               "sft": str(Path(sft)) if isinstance(sft, (str, Path)) else None,
               "backbone_kind": "lora" if engine.adapters else "full",
-              "adapters": [{"path": None if a.path is None else str(a.path), "rank": a.rank}
-                           for a in soup.adapters] if engine.adapters else None}
+              "adapters": engine.adapter_info() if engine.adapters else None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -232,12 +232,25 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=SERVE_DEMO_DIR, help="embedded default only: where the tiny "
                    "checkpoints go")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v = p.add_argument_group("vLLM engine", "--engine vllm serves the same API on vLLM's AsyncLLM (needs vLLM: "
+                             "scripts/setup-vllm-env.sh). Adapter backbones: a mixture adapter per request's "
+                             "preference, one batch; full checkpoints: pause, re-merge in place, resume (needs --sft). "
+                             "No --backbones: a tiny Qwen2 and 2 LoRA backbones made in code.")
+    v.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf (default: transformers, no vLLM) or vllm")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM's tensor parallelism (default 1)")
+    v.add_argument("--max-loras", type=int, default=16, help="adapter backbones: mixture adapters (distinct "
+                   "preferences) vLLM holds and batches at once (default 16)")
+    v.add_argument("--max-model-len", type=int, help="vLLM's context length (default: the model's)")
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def build_from_args(args):
     """``(app, soup, api_key)`` from parsed ``serve`` arguments; raises ValueError on bad arguments."""
+    if getattr(args, "engine", "hf") == "vllm":
+        from bonesoup.serve.vllm_engine import build_vllm_app
+
+        return build_vllm_app(args)
     from bonesoup.serve.app import create_app
 
     adapters = getattr(args, "adapters", None)

@@ -171,6 +171,12 @@ class Engine:
         soup = self.soup
         return None if soup.preference is None else (tuple(float(x) for x in soup.preference), float(soup.alpha))
 
+    def adapter_info(self) -> list[dict]:
+        """``[{"path", "rank"}]`` of the adapter backbones (empty for full weights), for ``GET /v1/models``."""
+        if not self.adapters:
+            return []
+        return [{"path": None if a.path is None else str(a.path), "rank": a.rank} for a in self.soup.adapters]
+
     def snapshot(self) -> tuple[int, list[float] | None, float]:
         """One consistent ``(weights_version, preference, alpha)`` (waits out a LiveSoup re-merge)."""
         if self.adapters:

