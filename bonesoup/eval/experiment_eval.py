@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bonesoup.eval.experiment_methods import (COMPARISONS, LABELS, LiveModels, get_experiment_method,
-                                              preference_grid)
+                                              preference_from_key, preference_key, validation_preferences)
 from bonesoup.eval.experiment_models import _log
 
 __all__ = ["Evaluator", "tune", "evaluate_seed", "summarize", "format_table", "plot_pareto"]
@@ -60,11 +60,12 @@ class Evaluator:
 
 
 def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
-    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k`` and ``live.w``.
+    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k``, ``live.k_rewarded``, ``live.w``.
 
-    ``"k"``: per objective i, the ``a_i`` of ``cfg.extrapolation_grid`` that maximises reward i at
-    ``mu = e_i`` (``k_i = 1 / (1 - a_i)``); ``"w_<kind>"``: the guidance strength of that grid that
-    maximises the hypervolume of three preference points.
+    ``"k"`` (backbones) and ``"k_rewarded"`` (experts): per objective i, the ``a_i`` of
+    ``cfg.extrapolation_grid`` that maximises reward i at ``mu = e_i`` (``k_i = 1 / (1 - a_i)``);
+    ``"w_<kind>"``: the guidance strength of that grid that maximises the hypervolume of the
+    :func:`~bonesoup.eval.experiment_methods.validation_preferences`.
     """
     from bonesoup.eval.metrics import hypervolume
     from bonesoup.merge.coefficients import per_objective_extrapolation
@@ -75,21 +76,28 @@ def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
         if m.tunes and m.tunes not in wanted:
             wanted[m.tunes] = m  # the first method that needs it decodes the candidates
     n = len(cfg.rewards)
-    out = {"a": [], "a_scores": [], "w": {}, "w_scores": {}}
-    if "k" in wanted:
+    out = {"a": [], "a_scores": [], "a_rewarded": [], "a_rewarded_scores": [], "w": {}, "w_scores": {}}
+    for tunes, which, key in (("k", "bone", "a"), ("k_rewarded", "rewarded", "a_rewarded")):
+        if tunes not in wanted:
+            continue
         for i in range(n):
             e = np.eye(n)[i]
             scores = []
             for a in cfg.extrapolation_grid:
                 k = np.ones(n)
                 k[i] = 1.0 / (1.0 - a)
-                live.set_extrapolated(*per_objective_extrapolation(e, k, beta=cfg.beta))  # at e_i only k_i matters
-                scores.append(float(val([live.bone_ext.model], [1.0], seed)[i]))
+                # at e_i only k_i matters
+                live.set_extrapolated(*per_objective_extrapolation(e, k, method=which, beta=cfg.beta), which=which)
+                scores.append(float(val([live.extrapolated_model(which)], [1.0], seed)[i]))
             best = int(np.argmax(scores))  # first maximum: the smallest a among ties
-            out["a"].append(float(cfg.extrapolation_grid[best]))
-            out["a_scores"].append(scores)
-        live.k = 1.0 / (1.0 - np.asarray(out["a"]))
-    prefs = preference_grid(3)
+            out[key].append(float(cfg.extrapolation_grid[best]))
+            out[f"{key}_scores"].append(scores)
+        factors = 1.0 / (1.0 - np.asarray(out[key]))
+        if which == "bone":
+            live.k = factors
+        else:
+            live.k_rewarded = factors
+    prefs = validation_preferences(n)
     for kind in ("implicit", "explicit"):
         if f"w_{kind}" not in wanted:
             continue
@@ -105,31 +113,37 @@ def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
 
 
 def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int) -> dict:
-    """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path."""
+    """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path.
+
+    The path runs from objective 0's value model to objective 1's (a 1-D path; at n >= 3 the other
+    weights stay 0: one edge of the simplex, reported as ``"path"``).
+    """
     from bonesoup.eval.metrics import lmc_barrier, merge_gap
-    from bonesoup.tasks.review import task_prompts
+    from bonesoup.tasks.registry import get_task
     from bonesoup.train.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
 
-    data = sample_value_data(sft, task_prompts("test"), list(cfg.rewards), samples=256,
+    data = sample_value_data(sft, get_task(cfg.task).prompts("test"), list(cfg.rewards), samples=256,
                              max_new_tokens=cfg.max_new_tokens, seed=10_000 + seed)
     qs = [load_value_model(v) for v in values]
     ts = np.linspace(0.0, 1.0, 5)
     merged, ens = [], []
     explicit = live.guides["explicit"]
+    n = len(cfg.rewards)
     for t in ts:
-        w = [1.0 - t, t]
+        w = [1.0 - t, t] + [0.0] * (n - 2)
         explicit.set_coefficients(w)
         merged.append(value_loss(explicit.model, data, w))
         ens.append(ensemble_loss(qs, w, data, w))
-    return {"t": ts.tolist(), "merged_mse": merged, "ensemble_mse": ens,
+    return {"path": "e0-e1", "t": ts.tolist(), "merged_mse": merged, "ensemble_mse": ens,
             "barrier": lmc_barrier(ts, merged)["barrier"], "gap": merge_gap(merged, ens)}
 
 
 def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dict:
-    """Tune, then evaluate every method of ``cfg`` at ``cfg.points`` preferences with sampling seed ``1000 + seed``."""
-    from bonesoup.tasks.review import task_prompts
+    """Tune, then evaluate every method of ``cfg`` at ``cfg.preferences()`` with sampling seed ``1000 + seed``."""
+    from bonesoup.tasks.registry import get_task
     from bonesoup.train.ppo.checkpoint_training import load_policy
 
+    task_prompts = get_task(cfg.task).prompts
     live = LiveModels(cfg.beta, sft, paths["backbones"], paths["experts"], paths["values"])
     val = Evaluator(live.tok, task_prompts("train")[:cfg.val_prompts], cfg.val_samples_per_prompt, cfg)
     test = Evaluator(live.tok, task_prompts("test"), cfg.eval_samples_per_prompt, cfg)
@@ -137,8 +151,8 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dic
     t0 = time.perf_counter()
     tuned = tune(cfg, live, val, sample_seed)
     _log(f"seed {seed}: validation picked a = {tuned['a']}, w = {tuned['w']} ({time.perf_counter() - t0:.0f} s)")
-    prefs = preference_grid(cfg.points)
-    res = {"tuned": tuned, "points": {}}
+    prefs = cfg.preferences()
+    res = {"tuned": tuned, "points": {}, "forwards_per_token": {}}
     todo = [get_experiment_method(m) for m in cfg.methods()]
     todo = [m for m in todo if m.decode is not None]
     bar = None
@@ -154,15 +168,20 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dic
             search = ChunkSearch(live.guides["explicit"].model, cfg.search_candidates, cfg.search_chunk_tokens)
         pts = []
         for mu in prefs:
-            pts.append(test(*live.decode_with(m, mu), sample_seed, search=search).tolist())
+            models, coeffs = live.decode_with(m, mu)
+            res["forwards_per_token"][m.name] = len(models)  # base + guides: one forward each per token
+            pts.append(test(models, coeffs, sample_seed, search=search).tolist())
             if bar is not None:
                 bar.update()
         res["points"][m.name] = pts
     if bar is not None:
         bar.close()
-    # MORLHF: the oracles where trained, the experts at the ends.
-    morlhf = {0.0: paths["experts"][1], 1.0: paths["experts"][0], **paths["morlhf"]}
-    res["morlhf"] = {str(m): test([load_policy(p)[0]], [1.0], sample_seed).tolist() for m, p in sorted(morlhf.items())}
+    # MORLHF: the oracles where trained, the experts at the ends (the vertices).
+    n = len(cfg.rewards)
+    morlhf = {preference_key(np.eye(n)[i]): p for i, p in enumerate(paths["experts"])}
+    morlhf.update({preference_key(mu): p for mu, p in paths["morlhf"].items()})
+    res["morlhf"] = {k: test([load_policy(p)[0]], [1.0], sample_seed).tolist() for k, p in sorted(morlhf.items())}
+    res["forwards_per_token"]["morlhf"] = 1
     res["sft"] = test([live.sft_model], [1.0], sample_seed).tolist()
     res["lmc"] = _lmc(cfg, live, paths["values"], sft, seed)
     return res
@@ -170,8 +189,9 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool) -> dic
 
 def _method_points(r: dict, name: str, prefs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(points [P, n], preferences [P, n]) of one method in one seed's results."""
-    if get_experiment_method(name).decode is None:  # MORLHF: keyed by the trained mu_1
-        return np.asarray(list(r["morlhf"].values())), np.array([[float(k), 1 - float(k)] for k in r["morlhf"]])
+    if get_experiment_method(name).decode is None:  # MORLHF: keyed by the trained preference
+        n = prefs.shape[1]
+        return np.asarray(list(r["morlhf"].values())), np.array([preference_from_key(k, n) for k in r["morlhf"]])
     return np.asarray(r["points"][name]), prefs
 
 
@@ -179,7 +199,7 @@ def summarize(cfg, per_seed: dict) -> dict:
     """Hypervolume (one reference point for all), controllability and means over seeds."""
     from bonesoup.eval.metrics import controllability, hypervolume
 
-    prefs = preference_grid(cfg.points)
+    prefs = cfg.preferences()
     allpts = [np.asarray(r["points"][m]) for r in per_seed.values() for m in r["points"]]
     allpts += [np.asarray(list(r["morlhf"].values())) for r in per_seed.values()]
     ref = np.min(np.concatenate(allpts), axis=0) - cfg.hv_margin
