@@ -113,5 +113,5 @@ def format_beta_search(report: dict) -> str:
              "", "| beta | validation hypervolume | |", "|---|---|---|"]
     for b in report["grid"]:
         mark = "chosen" if b == report["chosen"] else ""
-        lines.append(f"| {b:g} | {report['validation_hv'][str(b)]:.4f} | {mark} |")
+        lines.append(f"| {b:g} | {report['validation_hv'][str(b)]:.4g} | {mark} |")
     return "\n".join(lines)
