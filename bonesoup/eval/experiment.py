@@ -13,7 +13,8 @@ the same held-out prompts with the same random numbers:
 4. on a validation slice of the TRAINING prompts: the per-objective
    extrapolation factors ``k_i = 1 / (1 - a_i)`` (the ``a_i`` that maximises
    reward i at ``mu = e_i``) and the guidance strengths ``w`` of MAGE
-   (the one that maximises the hypervolume of three preference points);
+   (the one that maximises the hypervolume of three preference points at n = 2, the vertices
+   and the centroid at n >= 3);
 5. on the held-out prompts, for each preference of the sweep (``points`` at n = 2, a simplex grid
    with ``simplex_points`` per edge at n >= 3): Rewarded
    Soup (experts merged with mu), Bone Soup (backbones merged with B^-1 mu),
@@ -332,6 +333,6 @@ def _cmd_experiment(args) -> int:
     s = res["seconds"]
     print(res["table"])
     print(f"\n{len(res['trained_now'])} models trained now; train {s['train']:.0f} s, evaluate {s['evaluate']:.0f} s, "
-          f"total {s['total']:.0f} s. Results: {Path(cfg.out) / 'results.json'}, table: {Path(cfg.out) / 'results.md'}, "
-          f"plot: {Path(cfg.out) / 'pareto.png'}")
+          f"total {s['total']:.0f} s. Results: {Path(cfg.out) / 'results.json'}, table: {Path(cfg.out) / 'results.md'}"
+          + ("" if "plot" in res else f", plot: {Path(cfg.out) / 'pareto.png'}"))
     return 0

@@ -60,7 +60,7 @@ class Evaluator:
 
 
 def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
-    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k``, ``live.k_rewarded``, ``live.w``.
+    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k``, ``.k_rewarded``, ``.w``.
 
     ``"k"`` (backbones) and ``"k_rewarded"`` (experts): per objective i, the ``a_i`` of
     ``cfg.extrapolation_grid`` that maximises reward i at ``mu = e_i`` (``k_i = 1 / (1 - a_i)``);

@@ -239,7 +239,8 @@ def preference_from_key(key: str, n: int) -> np.ndarray:
     return np.asarray(vals)
 
 
-def method_accounting(cfg, name: str, *, forwards_per_token: int | None = None, beta_search: dict | None = None) -> dict:
+def method_accounting(cfg, name: str, *, forwards_per_token: int | None = None,
+                      beta_search: dict | None = None) -> dict:
     """What one method cost to train and to decode: PPO runs and steps, value models, forwards per token.
 
     ``beta_search``: the search's report (:func:`bonesoup.eval.beta_search.search_beta`); its PPO runs are

@@ -56,7 +56,8 @@ class TrainedModels:
 
         c = self.cfg
         config = PPOConfig(steps=c.ppo_steps if steps is None else steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr,
-                           kl_coef=c.ppo_kl_coef, max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed)
+                           kl_coef=c.ppo_kl_coef, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                           seed=self.seed)
         out = cached_model_dir(self.models, f"{name}-seed{self.seed}", {
             **self.common, "weights": [round(float(x), 10) for x in weights], "ppo": dataclasses.asdict(config)})
         if (out / "config.json").is_file():
