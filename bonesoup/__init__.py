@@ -21,6 +21,8 @@ _LAZY = {
                     "merge.methods"),
     "merge_checkpoints": "merge.offline",
     "LiveSoup": "merge.live", "RemergeInfo": "merge.live",
+    "AdapterSoup": "merge.adapter_soup", "mixture_adapter": "merge.lora",
+    "extract_lora": "merge.extract",
     "PPOConfig": "train.ppo", "PPOTrainer": "train.ppo",
     "train_checkpoint": "train.ppo.checkpoint_training", "evaluate_checkpoint": "train.ppo.checkpoint_training",
     **dict.fromkeys(["CombinedReward", "RewardNormalization", "combination_weights", "get_reward",

@@ -1,8 +1,10 @@
 """``bonesoup`` command line.
 
     bonesoup merge B1 B2 ... --out DIR --preference 0.3 0.7 --beta 0.7 [--alpha A --sft DIR]
+    bonesoup merge A1 A2 ... --sft DIR --out DIR --preference ... [--as-adapter]   # LoRA adapter backbones
     bonesoup merge --config merge.yaml --out DIR   # a mergekit config (linear, task_arithmetic, bone_soup)
     bonesoup merge            # embedded default: tiny checkpoints made in code
+    bonesoup extract-lora BACKBONE --sft SFT --rank 16 --out DIR   # a full fine-tune as a LoRA adapter
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
 
@@ -44,16 +46,23 @@ def _add_merge(sub) -> None:
         "pass per batch of tensors. With no BACKBONE directories it builds tiny checkpoints in code "
         f"(under --workdir, default {DEMO_DIR}) and merges those.",
     )
-    p.add_argument("backbones", nargs="*", metavar="BACKBONE", help="checkpoint directories, one per objective")
+    p.add_argument("backbones", nargs="*", metavar="BACKBONE",
+                   help="checkpoint directories, one per objective; or peft LoRA adapter directories (detected by "
+                   "adapter_config.json; with --sft, the model they were trained on): the output is then "
+                   "W_sft + sum_j c_j D_j (or, with --as-adapter, that one mixture adapter)")
     p.add_argument("--config", type=Path, help="a mergekit YAML config (merge_method linear, task_arithmetic or "
-                   "bone_soup; models, base_model, parameters, dtype, out_dtype, tokenizer_source) instead of "
-                   "BACKBONE directories and --preference; other methods and slices are refused")
+                   "bone_soup; models (checkpoints, BASE+ADAPTER or adapter directories), base_model, parameters, "
+                   "dtype, out_dtype, tokenizer_source) instead of BACKBONE directories and --preference; other "
+                   "methods and slices are refused")
     p.add_argument("--out", type=Path, help="output directory (default for the demo: WORKDIR/merged)")
     p.add_argument("--preference", type=float, nargs="+", help="mu, one weight per backbone, summing to 1")
     p.add_argument("--beta", type=float, help="backbone mixing strength in (0.5, 1) (method bone)")
     p.add_argument("--alpha", type=float, help="extrapolation strength (needs --sft when non-zero; default 0, "
                    "demo 0.1)")
-    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (for --alpha)")
+    p.add_argument("--sft", type=Path, help="SFT checkpoint directory (for --alpha; the adapters' base model)")
+    p.add_argument("--as-adapter", action="store_true",
+                   help="adapter backbones only: write the merge as ONE peft adapter of rank sum_j r_j (exact) "
+                   "instead of a full checkpoint")
     p.add_argument("--method", choices=merge_method_names(), default="bone",
                    help="; ".join(f"{m.name}: {m.description}" for m in MERGE_METHODS.values()))
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: as input)")
@@ -66,10 +75,27 @@ def _add_merge(sub) -> None:
 
 
 def _cmd_merge(args) -> int:
+    from bonesoup.merge.adapter_merge import is_adapter_dir
+
     if args.config is not None:
+        if args.as_adapter:
+            raise ValueError("--as-adapter takes adapter directories as arguments, not --config")
         return _merge_config(args)
     if not args.backbones:
+        if args.as_adapter:
+            raise ValueError("--as-adapter needs adapter directories as BACKBONE arguments")
         return _demo(args)
+    adapters = [b for b in args.backbones if is_adapter_dir(b)]
+    if adapters and len(adapters) < len(args.backbones):
+        full = [b for b in args.backbones if not is_adapter_dir(b)]
+        raise ValueError(f"BACKBONE arguments mix LoRA adapters ({', '.join(adapters)}) and full checkpoints "
+                         f"({', '.join(full)}); give all of one kind (bonesoup extract-lora turns a full "
+                         "fine-tune into an adapter)")
+    if adapters:
+        return _merge_adapters(args)
+    if args.as_adapter:
+        raise ValueError("--as-adapter needs adapter directories (with adapter_config.json); "
+                         f"{args.backbones[0]} is a full checkpoint")
     if args.out is None:
         raise ValueError("--out is required when backbone directories are given")
     if args.preference is None:
@@ -86,6 +112,35 @@ def _cmd_merge(args) -> int:
         from bonesoup.merge import offline
 
         out = offline.merge_checkpoints(args.backbones, args.out, device=args.device, **kwargs)
+    print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
+    return 0
+
+
+def _merge_adapters(args) -> int:
+    """Adapter backbones: the full checkpoint W_sft + sum_j c_j D_j, or (--as-adapter) the mixture adapter."""
+    from bonesoup.merge import adapter_merge
+
+    if args.out is None:
+        raise ValueError("--out is required when adapter directories are given")
+    if args.preference is None:
+        raise ValueError("--preference is required (one weight per backbone, summing to 1)")
+    if get_merge_method(args.method).needs_beta and args.beta is None:
+        raise ValueError(f"--beta is required for --method {args.method}")
+    if not _is_cpu(args.device):
+        raise ValueError(f"adapter merges run on the CPU; --device {args.device} is not supported with them")
+    kwargs = dict(preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, method=args.method,
+                  force=args.force)
+    if args.as_adapter:
+        if args.dtype is not None:
+            raise ValueError("--dtype sets a checkpoint's dtype; --as-adapter keeps the adapters' dtype")
+        out = adapter_merge.merge_as_adapter(args.backbones, args.out, sft=args.sft, **kwargs)
+        print(json.dumps(adapter_merge.read_mixture_report(out), indent=2))
+        return 0
+    if args.sft is None:
+        raise ValueError("--sft is required with adapter directories (the model they were trained on: the merge "
+                         "is W_sft + sum_j c_j D_j); or pass --as-adapter for the mixture adapter")
+    out = adapter_merge.merge_adapters_cpu(args.backbones, args.out, sft=args.sft, dtype=args.dtype,
+                                           progress=not args.no_progress, **kwargs)
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
     return 0
 
@@ -110,9 +165,15 @@ def _merge_config(args) -> int:
         raise ValueError(f"--config merges run on the CPU; --device {args.device} is not supported with it")
     plan = plan_from_config(load_mergekit_config(args.config), str(args.config))
     dtype = args.dtype or plan.out_dtype
+    deltas = None
+    if plan.adapters:  # LoRA models: their deltas come in through torch (the rest of the merge stays torch-free)
+        from bonesoup.merge.adapter_merge import AdapterDeltas
+
+        deltas = AdapterDeltas(plan.adapters)
+        plan.report["adapters"] = deltas.report()
     out = merge_weighted_cpu([MergeInput(p, c, role) for p, c, role in plan.inputs], args.out, dtype=dtype,
                              force=args.force, progress=not args.no_progress, report=plan.report,
-                             tokenizer_from=plan.tokenizer_dir)
+                             tokenizer_from=plan.tokenizer_dir, deltas=deltas)
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
     return 0
 
@@ -172,6 +233,49 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract-lora",
+        help="a full fine-tune as a LoRA adapter on its SFT model (truncated SVD of each linear layer's delta)",
+        description="Write BACKBONE - SFT as a peft LoRA adapter of rank R: per linear layer (nn.Linear, Conv1D) "
+        "the truncated SVD of its delta (float64, optimal), B = U sqrt(S), A = sqrt(S) V^T, scaling 1. Prints "
+        "the relative error ||D - D_r||_F / ||D||_F per layer and overall (also in OUT/bonesoup-extract.json). "
+        "Parameters that are not linear layers (norms, embeddings, biases, a tied lm_head) cannot be carried "
+        "by a LoRA: extraction is refused when they differ from the SFT, unless --allow-dense-drift.",
+    )
+    p.add_argument("backbone", type=Path, metavar="BACKBONE", help="the full fine-tune's checkpoint directory")
+    p.add_argument("--sft", type=Path, required=True, help="the SFT checkpoint it was fine-tuned from")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank R")
+    p.add_argument("--out", type=Path, required=True, help="output adapter directory (peft format)")
+    p.add_argument("--svd", choices=["full", "lowrank"], default="full",
+                   help="full: torch.linalg.svd in float64 (optimal); lowrank: torch.svd_lowrank (randomized, "
+                   "float32, for large layers)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved LoRA factors")
+    p.add_argument("--allow-dense-drift", action="store_true",
+                   help="extract although norms / embeddings / biases differ from the SFT (they stay at the "
+                   "SFT's values; their relative change is reported)")
+    p.add_argument("--dense-tolerance", type=float, default=1e-6,
+                   help="relative change ||p - p_sft|| / ||p_sft|| of such a parameter that counts as none")
+    p.add_argument("--exclude-modules", nargs="+", default=[], metavar="MODULE",
+                   help="linear modules (names or dotted suffixes, e.g. lm_head) to leave out of the adapter")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args) -> int:
+    from bonesoup.merge.extract import EXTRACT_REPORT_NAME, extract_lora, format_report
+
+    result = extract_lora(args.backbone, args.sft, args.rank, args.out, svd=args.svd, dtype=args.dtype,
+                          allow_dense_drift=args.allow_dense_drift, dense_tolerance=args.dense_tolerance,
+                          exclude_modules=args.exclude_modules, force=args.force, progress=not args.no_progress)
+    print(format_report(result.report))
+    print(f"adapter: {args.out} (report: {args.out / EXTRACT_REPORT_NAME})")
+    return 0
+
+
 _BENCHES = {"merge": "bench_merge.py", "checkpoint": "bench_checkpoint_merge.py", "remerge": "bench_remerge.py",
             "serve": "bench_serve_load.py", "sampling": "bench_sampling.py", "guidance": "bench_guidance.py"}
 
@@ -204,8 +308,9 @@ def _cmd_bench(args) -> int:
 
 
 # Commands whose parsers import nothing heavy: `bonesoup merge ...` builds only these, because the
-# other commands' parser modules import torch (serve, experiment) at module level.
-_LIGHT_COMMANDS = ("merge", "bench")
+# other commands' parser modules import torch (serve, experiment) at module level (extract-lora imports
+# torch only when it runs).
+_LIGHT_COMMANDS = ("merge", "extract-lora", "bench")
 
 
 def build_parser(light: bool = False) -> argparse.ArgumentParser:
@@ -215,6 +320,7 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
+    _add_extract(sub)
     _add_bench(sub)
     if light:
         return parser

@@ -438,44 +438,60 @@ def test_free_space_checked_before_writing(tmp_path, monkeypatch, single32):
 
 
 @pytest.mark.parametrize("layout", ["single32", "sharded32"])
-def test_peak_output_memory_is_one_batch(request, tmp_path, monkeypatch, layout):
-    """At no point are more output tensors alive than one batch (the largest tensor if it is bigger).
+def test_peak_output_memory_is_bounded_by_the_writers_two_batches(request, tmp_path, monkeypatch, layout):
+    """Output memory alive at once stays within the writer's overlap: the batch being written plus the one
+    being merged (cpu_merge, where merge_checkpoints(device="cpu") runs), each at most one batch (the
+    largest tensor if it is bigger).
 
-    Every tensor handed to the shard writer is tracked by a weak reference;
-    an implementation that collected a shard (or the model) before writing,
-    or kept the previous batch alive while merging the next, fails here.
+    Every output array is tracked by a weak reference from the moment the merge makes it, and the writer
+    is slowed down so the merge runs as far ahead as the design lets it. An implementation that collected
+    a shard (or the model) before writing, or let batches queue up behind a slow disk, fails here.
     """
+    import threading
+    import time
+
+    import numpy as np
+
+    from bonesoup.merge import cpu_merge
+
     sft, bbs = request.getfixturevalue(layout)
     limit = 40_000
-    monkeypatch.setattr(offline_merge, "MERGE_BATCH_BYTES", limit)
-    largest = max(t.nbytes for t in CheckpointDir(bbs[0]).tensors.values())
-    model_bytes = CheckpointDir(bbs[0]).total_bytes
-    assert max(limit, largest) < model_bytes / 3  # the bound is far below "one model"
+    monkeypatch.setattr(cpu_merge, "MERGE_BATCH_BYTES", limit)
+    tensors = CheckpointDir(bbs[0]).tensors
+    largest = max(t.nbytes for t in tensors.values())
+    batch_bound = max(limit, largest)
+    assert 2 * batch_bound < CheckpointDir(bbs[0]).total_bytes / 2  # the bound is well below "one model"
 
     live: list[tuple[weakref.ref, int]] = []
     peak = [0]
+    lock = threading.Lock()
 
     def live_bytes() -> int:
         return sum(n for r, n in live if r() is not None)
 
-    real_merge_many, real_write = soupkernels.merge_many, ShardWriter.write
+    real_merge_batch, real_write = cpu_merge._merge_batch, ShardWriter.write_bytes
 
-    def merge_many(groups, coeffs, *, outs=None):
-        peak[0] = max(peak[0], live_bytes() + sum(o.nbytes for o in outs))
-        return real_merge_many(groups, coeffs, outs=outs)
+    def merge_batch(*args, **kwargs):
+        with lock:
+            before = live_bytes()  # older batches can only die while this one is merged: an upper bound
+        outs = real_merge_batch(*args, **kwargs)
+        owned = [o for o in outs if isinstance(o, np.ndarray) and o.base is None]  # not views of the inputs
+        with lock:
+            live.extend((weakref.ref(o), o.nbytes) for o in owned)
+            peak[0] = max(peak[0], before + sum(o.nbytes for o in owned))
+        return outs
 
-    def write(self, key, tensor):
-        if not any(r() is tensor for r, _ in live):
-            live.append((weakref.ref(tensor), tensor.nbytes))
-        peak[0] = max(peak[0], live_bytes())
-        real_write(self, key, tensor)
+    def slow_write(self, key, data):
+        time.sleep(0.003)  # a slow disk: the merge gets ahead of the writer
+        real_write(self, key, data)
 
-    monkeypatch.setattr(soupkernels, "merge_many", merge_many)
-    monkeypatch.setattr(ShardWriter, "write", write)
+    monkeypatch.setattr(cpu_merge, "_merge_batch", merge_batch)
+    monkeypatch.setattr(ShardWriter, "write_bytes", slow_write)
     out = merge_checkpoints(bbs, tmp_path / "out", preference=[1 / 2, 1 / 2][: len(bbs)] if len(bbs) == 2
                             else [0.2, 0.3, 0.5], beta=0.7, progress=False)
-    assert len(live) == len(load_weights(out))
-    assert 0 < peak[0] <= max(limit, largest), f"{peak[0]} output bytes alive at once"
+    merged = [k for k, t in tensors.items() if t.dtype.is_floating_point]
+    assert len(live) == len(merged) == len(load_weights(out))  # every merged output was tracked
+    assert batch_bound < peak[0] <= 2 * batch_bound, f"{peak[0]} output bytes alive at once"
 
 
 def test_shard_writer_round_trip_mixed_dtypes(tmp_path):

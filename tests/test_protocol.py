@@ -207,7 +207,7 @@ def test_a_three_objective_run_reports_3d_hypervolumes(run3):
         row = int(np.flatnonzero((prefs == np.eye(3)[i]).all(1))[0])
         assert rs[row] == seed["morlhf"][preference_key(np.eye(3)[i])]
     assert len(saved["trained_now"]) == 3 + 3 + 3 + 3  # backbones, experts, oracles, value models
-    assert not (out / "pareto.png").exists() and "pareto.png not drawn: n = 3" in (out / "results.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0  # one panel per pair of objectives
     assert seed["lmc"]["path"] == "e0-e1"
 
 

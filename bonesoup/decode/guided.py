@@ -27,7 +27,9 @@ differ).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Sequence
@@ -274,6 +276,34 @@ def _per_row_host(value, dtype):
     return torch.tensor(list(value), dtype=dtype)
 
 
+def _adapter_soups(models, names, preference) -> list:
+    """The distinct adapter soups among ``models`` when ``preference`` is given (refused when there is none)."""
+    if preference is None:
+        return []
+    from bonesoup.merge.adapter_soup import adapter_soup_of
+
+    soups = []
+    for m in models:
+        soup = adapter_soup_of(m)
+        if soup is not None and all(soup is not s for s in soups):
+            soups.append(soup)
+    if not soups:
+        raise ValueError("preference= needs models whose backbones are LoRA adapters (an AdapterSoup installed on "
+                         f"{names[0]} or a guide); for full-weight backbones merge first (LiveSoup, merge_checkpoints)")
+    return soups
+
+
+def _rows_of(preference, B: int, n: int):
+    """``preference`` [n] (one for every row) or [B, n], as [B, n] (checked by the soup)."""
+    p = preference.tolist() if hasattr(preference, "tolist") else preference
+    if isinstance(p, (list, tuple)) and p and all(isinstance(x, numbers.Number) for x in p):
+        return [list(p)] * B
+    if not isinstance(p, (list, tuple)) or len(p) != B:
+        raise ValueError(f"preference must be [{n}] (every row) or [B = {B}, {n}] (one row per sequence), got "
+                         f"{len(p) if isinstance(p, (list, tuple)) else type(p).__name__} rows")
+    return p
+
+
 def guided_generate(
     base_model,
     guide_models,
@@ -291,6 +321,7 @@ def guided_generate(
     pad_token_id: int | None = None,
     return_logprobs: bool = False,
     on_invalid: str = "raise",
+    preference=None,
 ) -> GuidedGeneration:
     """Batched guided decoding: sample from ``sum_m c_m z_m`` over [base, guide_1, ...].
 
@@ -350,6 +381,12 @@ def guided_generate(
         step); ``"stop"`` finishes that row only (``invalid[b]`` True, its
         length counts the steps before, pad after) and decodes the others on:
         a server answers that request alone with an error.
+    preference : [n] or per-row [B, n] floats, optional
+        For models that are adapter soups (:class:`bonesoup.AdapterSoup`,
+        LoRA backbones): each row decodes with the backbones mixed at its
+        own preference, in the same batch, with no re-merge (the soup's
+        method, beta and alpha give the coefficients). Applied to the base
+        and every guide that carries a soup; refused when none does.
 
     Returns
     -------
@@ -381,6 +418,7 @@ def guided_generate(
         raise ValueError(f"on_invalid must be 'raise' or 'stop', got {on_invalid!r}")
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    soups = _adapter_soups(models, names, preference)
     stops, pad = resolve_stop_and_pad(base_model, stop_token_ids, pad_token_id)
     if seed is None:
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
@@ -403,7 +441,10 @@ def guided_generate(
     stop_ids = torch.tensor(stops, dtype=torch.int64, device=device)
     cached = [_CachedModel(m, name) for m, name in zip(models, names)]
     steps = 0
-    with torch.inference_mode():
+    with contextlib.ExitStack() as rows, torch.inference_mode():
+        for soup in soups:  # per-row coefficients for every forward below, the shared ones back after
+            rows.enter_context(soup.rows(preference=_rows_of(preference, B, soup.n),
+                                         alpha=0.0 if math.isnan(soup.alpha) else soup.alpha))
         feed, pos = input_ids, position_ids_from_mask(mask)
         for t in range(max_new_tokens):
             # One forward per model: the whole prompt at t = 0, the previous token after.

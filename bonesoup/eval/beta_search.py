@@ -8,10 +8,12 @@ scored on the validation slice of the training prompts; the beta whose
 points have the largest hypervolume (one reference point for all betas:
 their coordinate-wise minimum minus ``hv_margin``) is chosen, and the
 experiment then trains the chosen beta's backbones for the full
-``ppo_steps``. The PPO trainer here cannot continue a finished run, so the
-full-length backbones are trained again from the SFT model (the report says
-so: ``"resumed": false``); the search's PPO steps are charged to the methods
-that use the backbones.
+``ppo_steps``. They are trained again from the SFT model (the report says
+so: ``"resumed": false``): the PPO trainer can extend a run from a training
+checkpoint (``steps`` is a resumable change), but it writes none at a run's
+last step and removes its checkpoints once the output is in place, so a
+finished search run has nothing to continue from. The search's PPO steps
+are charged to the methods that use the backbones.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def format_beta_search(report: dict) -> str:
              f"beta, Bone Soup scored at {len(report['preferences'])} validation preferences "
              f"(reference point {np.round(report['reference_point'], 3).tolist()}); chosen beta = "
              f"{report['chosen']:g}, its backbones then trained from the SFT model for the full run "
-             f"({'resumed' if report['resumed'] else 'not resumed: the PPO trainer here cannot continue a run'}).",
+             f"({'resumed' if report['resumed'] else 'not resumed: a finished PPO run keeps no checkpoint to extend'}).",
              "", "| beta | validation hypervolume | |", "|---|---|---|"]
     for b in report["grid"]:
         mark = "chosen" if b == report["chosen"] else ""

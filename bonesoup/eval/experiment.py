@@ -26,8 +26,10 @@ the same held-out prompts with the same random numbers:
    the Rewarded Soup bases; per method the PPO runs it used and its forwards per token;
 6. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
-   every method and seed, minus a margin), controllability (Spearman of mu_i
-   with r_i), mean +- std over seeds; a table, a Pareto plot and JSON.
+   every method and seed, minus a margin; or, ``reference_point="sft"``, the
+   SFT model's mean rewards), controllability (Spearman of mu_i with r_i),
+   mean +- sample std, bootstrap CIs and paired tests over seeds
+   (:mod:`bonesoup.eval.stats`); a table, a Pareto plot and JSON.
 
 Every trained model lives under ``out/models/<name>-<fingerprint>``
 (:mod:`bonesoup.eval.experiment_models`), the fingerprint covering everything
@@ -97,6 +99,9 @@ class ExperimentConfig:
     temperature: float = 1.0
     max_new_tokens: int = 20
     hv_margin: float = 0.01
+    #: Hypervolume reference point: "union" (every evaluated point's minimum minus hv_margin) or "sft"
+    #: (the SFT model's mean rewards: fixed, whichever methods are compared).
+    reference_point: str = "union"
     #: Chunk-level search (MAGE explicit, K candidates of L tokens scored by the merged value model); 0 = off.
     search_candidates: int = 0
     search_chunk_tokens: int = 4
@@ -144,6 +149,8 @@ class ExperimentConfig:
             raise ValueError(f"beta_search_fraction must be in (0, 1] (of ppo_steps), got {f!r}")
         if not isinstance(self.ablations, bool):
             raise ValueError(f"ablations must be true or false, got {self.ablations!r}")
+        if self.reference_point not in ("union", "sft"):
+            raise ValueError(f"reference_point must be 'union' or 'sft', got {self.reference_point!r}")
         if self.seed_mode not in ("train", "sample"):
             raise ValueError(f"seed_mode must be 'train' or 'sample', got {self.seed_mode!r}")
         if not self.seeds:
@@ -203,8 +210,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
 
     With a ``beta_grid`` the beta search runs first (on the first training seed) and its choice replaces
     ``beta`` for everything after it; results.json holds the search (``beta_search``) and the config
-    with the chosen beta. pareto.png is drawn at n = 2 only (a 2-D picture of a 3-D front would hide
-    the third objective; results.json has every point).
+    with the chosen beta.
     """
     import transformers
 
@@ -257,12 +263,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
               "models": {str(k): {kk: ([str(x) for x in v] if isinstance(v, list) else
                                        {str(a): str(b) for a, b in v.items()}) for kk, v in p.items()}
                          for k, p in paths.items()}}
-    if len(cfg.rewards) == 2:
-        plot_pareto(cfg, summary, per_seed, root / "pareto.png")
-    else:
-        result["plot"] = (f"pareto.png not drawn: n = {len(cfg.rewards)} objectives (a 2-D plot of the front "
-                          "would hide the others); every point is in per_seed and summary.mean_points")
-        table += "\n\n" + result["plot"]
+    plot_pareto(cfg, summary, per_seed, root / "pareto.png")  # n >= 3: one panel per pair of objectives
     (root / "results.json").write_text(json.dumps(result, indent=2))
     (root / "results.md").write_text(table + "\n")
     result["table"] = table
@@ -333,6 +334,6 @@ def _cmd_experiment(args) -> int:
     s = res["seconds"]
     print(res["table"])
     print(f"\n{len(res['trained_now'])} models trained now; train {s['train']:.0f} s, evaluate {s['evaluate']:.0f} s, "
-          f"total {s['total']:.0f} s. Results: {Path(cfg.out) / 'results.json'}, table: {Path(cfg.out) / 'results.md'}"
-          + ("" if "plot" in res else f", plot: {Path(cfg.out) / 'pareto.png'}"))
+          f"total {s['total']:.0f} s. Results: {Path(cfg.out) / 'results.json'}, table: {Path(cfg.out) / 'results.md'}, "
+          f"plot: {Path(cfg.out) / 'pareto.png'}")
     return 0

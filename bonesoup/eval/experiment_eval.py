@@ -195,17 +195,53 @@ def _method_points(r: dict, name: str, prefs: np.ndarray) -> tuple[np.ndarray, n
     return np.asarray(r["points"][name]), prefs
 
 
-def summarize(cfg, per_seed: dict) -> dict:
-    """Hypervolume (one reference point for all), controllability and means over seeds."""
-    from bonesoup.eval.metrics import controllability, hypervolume
+#: The summary's statistics: 95% percentile bootstrap intervals, seeded, and the sign-flip tests' Monte Carlo size.
+SUMMARY_CONFIDENCE, SUMMARY_RESAMPLES, SUMMARY_SEED = 0.95, 10_000, 0
 
-    prefs = cfg.preferences()
+#: ``ExperimentConfig.reference_point`` modes and how the table states them.
+REFERENCE_POINT_MODES = {"union": "coordinate-wise minimum of every evaluated point of every method and seed, "
+                                  "minus hv_margin",
+                         "sft": "the SFT model's mean rewards on the held-out prompts (mean over seeds)"}
+
+
+def _reference_point(cfg, per_seed: dict) -> tuple[np.ndarray, str]:
+    """The ONE reference point of every hypervolume, and its mode."""
+    mode = getattr(cfg, "reference_point", "union")
+    if mode not in REFERENCE_POINT_MODES:
+        raise ValueError(f"reference_point must be one of {sorted(REFERENCE_POINT_MODES)}, got {mode!r}")
+    if mode == "sft":  # fixed by the SFT model alone: a method's numbers do not move when another is added
+        return np.mean([np.asarray(r["sft"], dtype=np.float64) for r in per_seed.values()], axis=0), mode
     allpts = [np.asarray(r["points"][m]) for r in per_seed.values() for m in r["points"]]
     allpts += [np.asarray(list(r["morlhf"].values())) for r in per_seed.values()]
-    ref = np.min(np.concatenate(allpts), axis=0) - cfg.hv_margin
-    out = {"reference_point": ref.tolist(), "methods": {}}
+    return np.min(np.concatenate(allpts), axis=0) - cfg.hv_margin, mode
+
+
+def summarize(cfg, per_seed: dict) -> dict:
+    """Hypervolume (one reference point for all), controllability, their statistics over seeds, the comparisons.
+
+    Per method: ``hypervolume`` / ``controllability`` per seed, ``hv_mean``,
+    ``hv_std`` (sample std, ddof 1; NaN for one seed), ``hv_ci`` (95%
+    percentile bootstrap of the mean over seeds), the same for
+    controllability, ``mean_points``. Per comparison ``"a > b"``:
+    ``seeds_won``, ``seeds``, ``mean_difference`` (of hypervolume), ``hv``
+    (:func:`bonesoup.eval.stats.paired_comparison` of the per-seed
+    hypervolumes: CI, exact sign-flip p) and ``weighted_reward`` (the same
+    over every (seed, preference) pair of ``mu . r``, for two sweep
+    methods). ``reference_point_mode``: ``cfg.reference_point``.
+    """
+    from bonesoup.eval.metrics import controllability, hypervolume
+    from bonesoup.eval.stats import bootstrap_ci, paired_comparison, sample_std
+
+    stat = dict(confidence=SUMMARY_CONFIDENCE, resamples=SUMMARY_RESAMPLES, seed=SUMMARY_SEED)
+    prefs = cfg.preferences()
+    ref, mode = _reference_point(cfg, per_seed)
+    out = {"reference_point": ref.tolist(), "reference_point_mode": mode,
+           "statistics": {**stat, "std": "sample (ddof 1)", "ci": "percentile bootstrap of the mean",
+                          "p": "two-sided sign-flip permutation test (exact up to 20 pairs)"},
+           "methods": {}}
+    weighted = {}
     for m in cfg.methods():
-        hv, ctrl, per_obj, all_pts = [], [], [], []
+        hv, ctrl, per_obj, all_pts, scores = [], [], [], [], []
         for r in per_seed.values():
             pts, mus = _method_points(r, m, prefs)
             hv.append(hypervolume(pts, ref))
@@ -213,60 +249,108 @@ def summarize(cfg, per_seed: dict) -> dict:
             ctrl.append(c["mean"])
             per_obj.append(c["per_objective"])
             all_pts.append(pts)
-        out["methods"][m] = {"hypervolume": hv, "hv_mean": float(np.mean(hv)), "hv_std": float(np.std(hv)),
-                             "controllability": ctrl, "ctrl_mean": float(np.nanmean(ctrl)),
-                             "ctrl_std": float(np.nanstd(ctrl)), "ctrl_per_objective": np.nanmean(per_obj, 0).tolist(),
+            scores.append(np.sum(mus * pts, axis=1))  # mu . r at each preference of the sweep
+        if get_experiment_method(m).decode is not None:
+            weighted[m] = np.asarray(scores)  # [seeds, points], paired across sweep methods
+        c_ok = [x for x in ctrl if not np.isnan(x)]
+        out["methods"][m] = {"hypervolume": hv, "hv_mean": float(np.mean(hv)), "hv_std": sample_std(hv),
+                             "hv_ci": list(bootstrap_ci(hv, **stat)),
+                             "controllability": ctrl, "ctrl_mean": float(np.nanmean(ctrl)) if c_ok else float("nan"),
+                             "ctrl_std": sample_std(c_ok) if c_ok else float("nan"),
+                             "ctrl_ci": list(bootstrap_ci(c_ok, **stat)) if c_ok else [float("nan")] * 2,
+                             "ctrl_per_objective": np.nanmean(per_obj, 0).tolist(),
                              "mean_points": np.mean(all_pts, axis=0).tolist()}
     hv = {m: np.asarray(out["methods"][m]["hypervolume"]) for m in cfg.methods()}
-    out["comparisons"] = {
-        f"{a} > {b}": {"seeds_won": int(np.sum(hv[a] > hv[b])), "seeds": len(hv[a]),
-                        "mean_difference": float(np.mean(hv[a] - hv[b]))}
-        for a, b in COMPARISONS if b in hv and a in hv}
+    out["comparisons"] = {}
+    for a, b in COMPARISONS:
+        if a not in hv or b not in hv:
+            continue
+        c = {"seeds_won": int(np.sum(hv[a] > hv[b])), "seeds": len(hv[a]),
+             "mean_difference": float(np.mean(hv[a] - hv[b])), "hv": paired_comparison(hv[a], hv[b], **stat)}
+        if a in weighted and b in weighted:
+            c["weighted_reward"] = paired_comparison(weighted[a], weighted[b], **stat)
+        out["comparisons"][f"{a} > {b}"] = c
     return out
 
 
+def _ci(v) -> str:
+    return "n/a" if any(np.isnan(v)) else f"[{v[0]:.4f}, {v[1]:.4f}]"
+
+
 def format_table(cfg, summary: dict) -> str:
-    """Markdown: hypervolume and controllability (mean +- std over seeds) per method, then the comparisons."""
-    lines = [f"| method | hypervolume (ref {np.round(summary['reference_point'], 3).tolist()}) | "
+    """Markdown: per method hypervolume and controllability (mean +- sample std over seeds, 95% CI), then the
+    paired comparisons (difference, 95% CI, p-value), then how each number was computed."""
+    n_seeds = len(next(iter(summary["methods"].values()))["hypervolume"]) if summary["methods"] else 0
+    mode = summary.get("reference_point_mode", "union")
+    ref = np.round(summary["reference_point"], 3).tolist()
+    lines = [f"| method | hypervolume (ref {ref}) | 95% CI of the mean | "
              f"controllability (Spearman, mean of {len(cfg.rewards)}) | per objective |",
-             "|---|---|---|---|"]
+             "|---|---|---|---|---|"]
     for m in cfg.methods():
         s = summary["methods"][m]
-        lines.append(f"| {LABELS[m]} | {s['hv_mean']:.4f} +- {s['hv_std']:.4f} | "
+        lines.append(f"| {LABELS[m]} | {s['hv_mean']:.4f} +- {s['hv_std']:.4f} | {_ci(s.get('hv_ci', [np.nan] * 2))} | "
                      f"{s['ctrl_mean']:.3f} +- {s['ctrl_std']:.3f} | "
                      f"{', '.join(f'{x:.2f}' for x in s['ctrl_per_objective'])} |")
-    lines += ["", "| comparison (hypervolume) | seeds won | mean difference |", "|---|---|---|"]
+    lines += ["", "| comparison | seeds won | hypervolume difference [95% CI] | p (seeds) | "
+              "mu . r difference [95% CI] | p sign-flip / Wilcoxon (seeds x preferences) |", "|---|---|---|---|---|---|"]
     for k, v in summary["comparisons"].items():
         a, b = k.split(" > ")
-        lines.append(f"| {LABELS[a]} > {LABELS[b]} | {v['seeds_won']} / {v['seeds']} | {v['mean_difference']:+.4f} |")
+        h = v.get("hv")
+        row = f"| {LABELS[a]} > {LABELS[b]} | {v['seeds_won']} / {v['seeds']} | {v['mean_difference']:+.4f} "
+        row += f"{_ci(h['ci'])} | {h['p_sign_flip']:.3g} |" if h else "| |"
+        w = v.get("weighted_reward")
+        row += (f" {w['mean_difference']:+.4f} {_ci(w['ci'])} | {w['p_sign_flip']:.3g} / {w['p_wilcoxon']:.3g} |"
+                if w else " | |")
+        lines.append(row)
+    st = summary.get("statistics", {})
+    lines += ["", f"Reference point ({mode}): {REFERENCE_POINT_MODES.get(mode, mode)}. Over {n_seeds} seed(s): a +- b is "
+              "the mean +- the sample std (ddof 1); CIs are "
+              f"{100 * st.get('confidence', SUMMARY_CONFIDENCE):g}% percentile bootstraps of the mean "
+              f"({st.get('resamples', SUMMARY_RESAMPLES)} resamples, seed {st.get('seed', SUMMARY_SEED)}; with few "
+              "seeds they are coarse); p-values are two-sided sign-flip permutation tests (exact over seeds: with 3 "
+              "seeds p >= 0.25) and exact Wilcoxon signed-rank tests. The mu . r columns pair every (seed, "
+              "preference) and treat the pairs as exchangeable, although the pairs of one seed are correlated: "
+              "their CI and p are optimistic."]
     return "\n".join(lines)
 
 
 def plot_pareto(cfg, summary: dict, per_seed: dict, path: Path) -> Path:
-    """The mean points of every method (and the SFT model) on the two rewards; written to ``path`` (PNG)."""
+    """The mean points of every method (and the SFT model), one panel per pair of objectives; PNG at ``path``.
+
+    The legend gives each method's hypervolume as mean +- sample std over
+    seeds; the grey lines are the reference point (its mode in the title).
+    """
+    from itertools import combinations
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for name in cfg.methods():
-        m = get_experiment_method(name)
-        pts = np.asarray(summary["methods"][name]["mean_points"])
-        color, style = m.style
-        ax.plot(pts[:, 0], pts[:, 1], style, color=color, ms=5 if m.decode is not None else 11, lw=1.2,
-                label=f"{m.label} (HV {summary['methods'][name]['hv_mean']:.3f})")
+    n = len(cfg.rewards)
+    pairs = list(combinations(range(n), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(7.5 * len(pairs), 5.5), squeeze=False)
     sft = np.mean([r["sft"] for r in per_seed.values()], axis=0)
-    ax.plot([sft[0]], [sft[1]], "kx", ms=9, label="SFT")
     ref = summary["reference_point"]
-    ax.axvline(ref[0], color="0.8", lw=0.8)
-    ax.axhline(ref[1], color="0.8", lw=0.8)
-    ax.set_xlabel(f"{cfg.rewards[0]} (mean over held-out prompts)")
-    ax.set_ylabel(f"{cfg.rewards[1]}")
-    ax.set_title(f"Preference sweep ({cfg.points} points, mean of {len(per_seed)} seed(s)); "
-                 f"mu_1 = 1 at the {cfg.rewards[0]} end", fontsize=9)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
+    for ax, (i, j) in zip(axes[0], pairs):
+        for name in cfg.methods():
+            m = get_experiment_method(name)
+            s = summary["methods"][name]
+            pts = np.asarray(s["mean_points"])
+            color, style = m.style
+            std = s["hv_std"]
+            hv = f"HV {s['hv_mean']:.3f}" + ("" if np.isnan(std) else f" +- {std:.3f}")
+            ax.plot(pts[:, i], pts[:, j], style, color=color, ms=5 if m.decode is not None else 11, lw=1.2,
+                    label=f"{m.label} ({hv})")
+        ax.plot([sft[i]], [sft[j]], "kx", ms=9, label="SFT")
+        ax.axvline(ref[i], color="0.8", lw=0.8)
+        ax.axhline(ref[j], color="0.8", lw=0.8)
+        ax.set_xlabel(f"{cfg.rewards[i]} (mean over held-out prompts)")
+        ax.set_ylabel(f"{cfg.rewards[j]}")
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Preference sweep ({len(cfg.preferences())} points, mean of {len(per_seed)} seed(s)); mu_1 = 1 at the "
+                 f"{cfg.rewards[0]} end; reference point: {summary.get('reference_point_mode', 'union')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

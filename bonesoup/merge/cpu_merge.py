@@ -15,10 +15,14 @@ numpy and the extension only:
 - Each input file is ``mmap``-ed once; a tensor is an address inside it.
 - Keys are merged in batches of about :data:`MERGE_BATCH_BYTES` of output;
   a writer thread appends batch i to its shard while the kernel merges batch
-  i + 1 (both release the GIL), so at most two batches of output are alive.
+  i + 1 (both release the GIL); batch i + 2 waits for batch i to be written,
+  so at most two batches of output are alive (:class:`~bonesoup.merge.shard_stream.ShardStream`).
 - Every merged output is checked for non-finite values with two integer
   reductions over its bits (no temporaries); a flagged tensor is compared
   with the float64 reference to tell an overflow from an input's own inf/NaN.
+- Optional per-key ``deltas`` (float32 arrays, e.g. LoRA adapters' weighted
+  deltas from :mod:`bonesoup.merge.adapter_merge`) are one more input of the
+  same kernel call, coefficient 1: ``out = sum_k c_k x_k + delta``.
 """
 
 from __future__ import annotations
@@ -27,16 +31,14 @@ import json
 import logging
 import mmap
 import os
-import queue
 import re
 import shutil
 import struct
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -47,7 +49,6 @@ from .checkpoint import (
     MERGE_REPORT_NAME,
     CheckpointDir,
     ShardLayout,
-    ShardWriter,
     atomic_output_dir,
     copy_side_files,
     finish_shards,
@@ -57,8 +58,10 @@ from .checkpoint import (
 from .coefficients import merge_coefficients
 from .methods import get_merge_method
 from .safetensors_file import ST_ITEMSIZE, TensorInfo, dtype_label
+from .shard_stream import Progress, ShardStream
 
-__all__ = ["MERGE_BATCH_BYTES", "FLOAT32_MAX", "MergeInput", "check_float32_coefficients", "merge_checkpoints_cpu",
+__all__ = ["MERGE_BATCH_BYTES", "FLOAT32_MAX", "MergeInput", "DeltaSource", "check_deltas",
+           "check_float32_coefficients", "check_output_dir", "preference_inputs", "merge_checkpoints_cpu",
            "merge_weighted_cpu"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,41 @@ class MergeInput:
     role: str
 
 
+class DeltaSource(Protocol):
+    """Per-key additions to a merge: ``shapes()`` {key: shape}, ``delta(key)`` float32 C-contiguous of that shape."""
+
+    name: str
+
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def delta(self, key: str) -> np.ndarray: ...
+
+
+def check_deltas(first: CheckpointDir, deltas: DeltaSource) -> None:
+    """Refuse deltas for keys the layout checkpoint lacks, of another shape, or on tensors that are not merged."""
+    for key, shape in deltas.shapes().items():
+        info = first.tensors.get(key)
+        if info is None:
+            raise ValueError(f"{deltas.name} changes {key!r}, which checkpoint {first.path} does not hold")
+        if tuple(info.shape) != tuple(shape):
+            raise ValueError(f"{deltas.name} changes {key!r} with shape {list(shape)} but it is {list(info.shape)} "
+                             f"in {first.file_of(key)}")
+        if info.st_dtype not in MERGEABLE_ST_DTYPES:
+            raise ValueError(f"{deltas.name} changes {key!r}, a {dtype_label(info.st_dtype)} tensor of "
+                             f"{first.file_of(key)}; only float tensors are merged")
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool) -> Path:
+    """Refuse an ``out_dir`` that is or contains an input (``force`` would delete it) or exists without ``force``."""
+    out_dir = Path(out_dir)
+    for p in map(Path, inputs):
+        if p.exists() and out_dir.exists() and p.resolve().is_relative_to(out_dir.resolve()):
+            raise ValueError(f"out_dir {out_dir} is or contains the input {p}; write the output somewhere else")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    return out_dir
+
+
 def check_float32_coefficients(coeffs: Sequence[float], given: str) -> None:
     """Refuse coefficients that are finite in float64 but not in float32, the kernels' precision."""
     for c in coeffs:
@@ -93,23 +131,13 @@ def check_float32_coefficients(coeffs: Sequence[float], given: str) -> None:
                              f"({FLOAT32_MAX:.4g}), the precision of the merge kernels")
 
 
-def merge_checkpoints_cpu(
-    backbones: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    preference: Sequence[float],
-    beta: float | None = None,
-    alpha: float = 0.0,
-    sft: str | os.PathLike | None = None,
-    method: str = "bone",
-    dtype: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """:func:`bonesoup.merge.offline.merge_checkpoints` on the CPU, without importing torch.
+def preference_inputs(backbones: Sequence[str | os.PathLike], *, preference: Sequence[float],
+                      beta: float | None = None, alpha: float = 0.0, sft: str | os.PathLike | None = None,
+                      method: str = "bone") -> tuple[list[MergeInput], dict]:
+    """A preference merge as one weighted sum: its inputs (backbones, then the SFT if given) and report fields.
 
-    Same parameters (less ``device``), same output files and report, same
-    errors; see that function. ``dtype`` is a name (``"bfloat16"``, ``"bf16"``, ...).
+    Validates the arguments (method, lengths, float32 range, ``sft`` when alpha extrapolates) before any
+    file is read; shared by the CPU path and :func:`bonesoup.merge.offline.merge_checkpoints` on CUDA.
     """
     spec = get_merge_method(method)
     if isinstance(backbones, (str, os.PathLike)):
@@ -128,6 +156,29 @@ def merge_checkpoints_cpu(
         inputs.append(MergeInput(Path(sft), float(sft_coeff), "sft"))
     report = {"method": method, "preference": [float(x) for x in pref],
               "beta": None if not spec.needs_beta or beta is None else float(beta), "alpha": float(alpha)}
+    return inputs, report
+
+
+def merge_checkpoints_cpu(
+    backbones: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    preference: Sequence[float],
+    beta: float | None = None,
+    alpha: float = 0.0,
+    sft: str | os.PathLike | None = None,
+    method: str = "bone",
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """:func:`bonesoup.merge.offline.merge_checkpoints` on the CPU, without importing torch.
+
+    Same parameters (less ``device``), same output files and report, same
+    errors; see that function. ``dtype`` is a name (``"bfloat16"``, ``"bf16"``, ...) or a torch dtype.
+    """
+    inputs, report = preference_inputs(backbones, preference=preference, beta=beta, alpha=alpha, sft=sft,
+                                       method=method)
     return merge_weighted_cpu(inputs, out_dir, dtype=dtype, force=force, progress=progress, report=report)
 
 
@@ -140,6 +191,7 @@ def merge_weighted_cpu(
     progress: bool = True,
     report: dict | None = None,
     tokenizer_from: str | os.PathLike | None = None,
+    deltas: DeltaSource | None = None,
 ) -> Path:
     """Write ``sum_k inputs[k].coefficient * inputs[k]`` as a checkpoint directory ``out_dir``.
 
@@ -161,6 +213,8 @@ def merge_weighted_cpu(
         merges, ``special_tokens_map.json``, ``*.model``) replace the layout
         input's (mergekit's ``tokenizer_source``); every other side file
         comes from the layout input.
+    deltas : DeltaSource, optional
+        Added to the weighted sum of the keys it names (fp32 accumulation in the same pass).
 
     Returns
     -------
@@ -173,19 +227,15 @@ def merge_weighted_cpu(
     check_float32_coefficients([i.coefficient for i in inputs], "the inputs")
     out_name = parse_dtype_name(dtype)
     out_st = None if out_name is None else NAME_TO_SAFETENSORS[out_name]
-    out_dir = Path(out_dir)
-    for i in inputs:
-        # out_dir may be replaced (force=True): it must neither be nor contain an input.
-        if i.path.exists() and out_dir.exists() and i.path.resolve().is_relative_to(out_dir.resolve()):
-            raise ValueError(f"out_dir {out_dir} is or contains the input {i.path}; write the merge somewhere else")
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    out_dir = check_output_dir(out_dir, [i.path for i in inputs], force)
 
     # 1. Headers only; refuse disagreements before writing.
     checkpoints = [CheckpointDir(i.path) for i in inputs]
     tok_ckpt = CheckpointDir(tokenizer_from) if tokenizer_from is not None else None
     first = checkpoints[0]
     validate_compatible(checkpoints)
+    if deltas is not None:
+        check_deltas(first, deltas)
     used = [(ck, i.coefficient) for ck, i in zip(checkpoints, inputs) if i.coefficient != 0.0] or [(first, 0.0)]
 
     # 2. Plan the output: the layout input's files, each tensor's output dtype.
@@ -208,12 +258,13 @@ def merge_weighted_cpu(
         copy_side_files(first, tmp, config_updates=config_updates)
         if tok_ckpt is not None:
             _replace_tokenizer(first, tok_ckpt, tmp)
-        with _Progress(data_bytes, len(used), progress) as bar, ExitStack() as stack:
+        with Progress(data_bytes, len(used), progress) as bar, ExitStack() as stack:
             maps = _Maps(stack)
-            writer = _ShardStream(tmp, stats, bar)
+            writer = ShardStream(tmp, stats, bar)
             try:
                 for batch in _batches(layouts, first, out_st_of):
-                    writer.put(batch, _merge_batch(batch, first, used, maps, stats))
+                    writer.reserve()  # at most two batches of output alive: this one and the one being written
+                    writer.put(batch, _merge_batch(batch, first, used, maps, stats, deltas))
                     maps.release()  # copied tensors still queued are views: they fault back in if needed
                 writer.finish()
             except BaseException:
@@ -340,13 +391,16 @@ def _close_map(mm: mmap.mmap) -> None:
         pass
 
 
-def _merge_batch(batch: _Batch, first: CheckpointDir, used, maps: _Maps, stats: dict) -> list[np.ndarray]:
+def _merge_batch(batch: _Batch, first: CheckpointDir, used, maps: _Maps, stats: dict,
+                 deltas: DeltaSource | None = None) -> list[np.ndarray]:
     """The batch's output bytes, one uint8 array per key (merged, or viewed from the layout input)."""
     from soupkernels.cpp_merge import merge_pointers
 
     coeffs = [c for _, c in used]
+    changed = deltas.shapes() if deltas is not None else {}
     outs: list[np.ndarray] = []
-    groups: dict[tuple[int, int], list[int]] = {}  # (input code, output code) -> positions, one kernel call each
+    # (input code, output code, has a delta) -> positions, one kernel call each
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     ins: dict[int, list[np.ndarray]] = {}
     for pos, (key, out_st) in enumerate(zip(batch.keys, batch.out_st)):
         info = first.tensors[key]
@@ -360,14 +414,23 @@ def _merge_batch(batch: _Batch, first: CheckpointDir, used, maps: _Maps, stats: 
         if info.numel:
             ins[pos] = [maps.tensor(ck, key) for ck, _ in used]
             stats["bytes_read"] += info.nbytes * len(used)
-            groups.setdefault((_ST_CODE[info.st_dtype], _ST_CODE[out_st]), []).append(pos)
-    for (in_code, out_code), positions in groups.items():
+            if key in changed:
+                d = np.ascontiguousarray(deltas.delta(key), dtype=np.float32)
+                if d.size != info.numel:
+                    raise ValueError(f"{deltas.name}: the delta of {key!r} has {d.size} elements, not {info.numel}")
+                ins[pos].append(d.reshape(-1).view(np.uint8))
+            groups.setdefault((_ST_CODE[info.st_dtype], _ST_CODE[out_st], key in changed), []).append(pos)
+    for (in_code, out_code, has_delta), positions in groups.items():
+        k = coeffs + [1.0] if has_delta else coeffs
+        in_sts = [first.tensors[batch.keys[positions[0]]].st_dtype] * len(used) + (["F32"] if has_delta else [])
         merge_pointers([outs[p].ctypes.data for p in positions], out_code,
-                       [x.ctypes.data for p in positions for x in ins[p]], [in_code] * len(used), coeffs,
+                       [x.ctypes.data for p in positions for x in ins[p]], [_ST_CODE[st] for st in in_sts], k,
                        [first.tensors[batch.keys[p]].numel for p in positions],
                        out_itemsize=ST_ITEMSIZE[batch.out_st[positions[0]]])
         for p in positions:
-            _check_finite(batch.keys[p], batch.out_st[p], outs[p], ins[p], [ck for ck, _ in used], coeffs)
+            key = batch.keys[p]
+            names = [str(ck.file_of(key)) for ck, _ in used] + ([deltas.name] if has_delta else [])
+            _check_finite(key, batch.out_st[p], outs[p], ins[p], in_sts, names, k)
     return outs
 
 
@@ -381,19 +444,21 @@ def _decode(data: np.ndarray, st: str) -> np.ndarray:
     return data.view(np.float16 if st == "F16" else np.float32).astype(np.float64)
 
 
-def _check_finite(key: str, out_st: str, out: np.ndarray, ins: list[np.ndarray], cks: list[CheckpointDir],
-                  coeffs: list[float]) -> None:
-    """Refuse an output that is not what the float64 reference gives (overflow, NaN); see offline._check_finite."""
+def _check_finite(key: str, out_st: str, out: np.ndarray, ins: list[np.ndarray], in_sts: list[str],
+                  names: list[str], coeffs: list[float]) -> None:
+    """Refuse an output that is not what the float64 reference gives (overflow, NaN); see offline._check_finite.
+
+    ``ins[k]`` holds ``in_sts[k]`` data from ``names[k]`` (the weight file, or a delta source).
+    """
     signed, unsigned, threshold = _NONFINITE[out_st]
     sign = np.iinfo(unsigned).max ^ np.iinfo(signed).max  # the sign bit
     if out.view(signed).max() < threshold and out.view(unsigned).max() < sign + threshold:
         return
-    in_st = cks[0].tensors[key].st_dtype
-    where = f"key {key!r} (in {cks[0].file_of(key)} and {len(cks) - 1} more input(s))"
-    xs = [_decode(x, in_st) for x in ins]
-    for ck, x in zip(cks, xs):
+    where = f"key {key!r} (in {names[0]} and {len(ins) - 1} more input(s))"
+    xs = [_decode(x, st) for x, st in zip(ins, in_sts)]
+    for name, x in zip(names, xs):
         if np.isnan(x).any():
-            raise ValueError(f"key {key!r} in {ck.file_of(key)} holds NaN values; refusing to merge it")
+            raise ValueError(f"key {key!r} in {name} holds NaN values; refusing to merge it")
     with np.errstate(all="ignore"):
         ref = sum(c * x for c, x in zip(coeffs, xs))
     if np.isnan(ref).any():
@@ -403,90 +468,3 @@ def _check_finite(key: str, out_st: str, out: np.ndarray, ins: list[np.ndarray],
         raise ValueError(f"{where}: the merge overflows {dtype_label(out_st)} (the float64 reference reaches "
                          f"{np.abs(ref[wrong]).max():.4g}) at coefficients {coeffs}; lower alpha, "
                          "or merge into --dtype float32")
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class _ShardStream:
-    """Appends batches to their shard files on a thread, one batch behind the merge.
-
-    The queue holds one batch, so at most two batches of output are alive (the
-    one being written, the one just merged). A write error is raised in the
-    merging thread at its next :meth:`put` or at :meth:`finish`.
-    """
-
-    def __init__(self, tmp: Path, stats: dict, bar):
-        self._tmp, self._stats, self._bar = tmp, stats, bar
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._writer: ShardWriter | None = None
-        self._thread = threading.Thread(target=self._run, name="bonesoup-shard-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                batch, outs = item
-                if self._writer is None or self._writer.layout is not batch.layout:
-                    if self._writer is not None:
-                        self._writer.close()
-                    self._writer = ShardWriter(self._tmp / batch.layout.name, batch.layout)
-                for key, data in zip(batch.keys, outs):
-                    self._writer.write_bytes(key, data)
-                written = sum(o.nbytes for o in outs)
-                self._stats["bytes_written"] += written
-                self._bar.update(written)
-                del item, outs
-            if self._writer is not None:
-                self._writer.close()
-        except BaseException as exc:  # handed to the merging thread
-            self._error = exc
-            if self._writer is not None:
-                self._writer.abort()
-            while self._queue.get() is not None:  # drain, so put() never blocks on a dead writer
-                pass
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def put(self, batch: _Batch, outs: list[np.ndarray]) -> None:
-        self._raise()
-        self._queue.put((batch, outs))
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-
-    def abort(self) -> None:
-        """Stop the thread after an error in the merging thread (no-op once finished)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self._writer is not None:
-            self._writer.abort()
-
-
-class _Progress:
-    """A tqdm bar over output bytes, imported only when shown (tqdm costs start-up time)."""
-
-    def __init__(self, total: int, n_inputs: int, enabled: bool):
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=f"merging {n_inputs} checkpoints")
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.close()

@@ -25,20 +25,27 @@ top level, the model's value winning):
   (the first model's without a base); a model path: that model's. ``union``
   is refused (it builds a new vocabulary, which is not a weighted sum).
 - Model paths are local checkpoint directories, relative to the working
-  directory (as mergekit resolves them).
+  directory (as mergekit resolves them). A model may be a LoRA adapter:
+  ``model: BASE+ADAPTER`` (mergekit's spelling of a base with a LoRA) or a
+  plain peft adapter directory (its base: the config's ``base_model`` / ``sft``,
+  else the base the adapter records). It enters the sum as ``BASE + D``: its
+  coefficient goes to ``BASE`` (added to the same model's where it is listed
+  too) and to the adapter's delta ``D`` (:mod:`bonesoup.merge.adapter_merge`).
 
 Refused with a message that names it: any other ``merge_method`` (ties,
 dare_*, slerp, ... are not one weighted sum), ``slices`` / layer ranges,
-per-tensor parameter filters or gradients (lists), LoRA suffixes
-(``model+lora``), and unknown keys.
+per-tensor parameter filters or gradients (lists), a ``base_model`` or
+``tokenizer_source`` with a LoRA, and unknown keys.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .coefficients import merge_coefficients
 
@@ -81,12 +88,23 @@ class MergekitPlan:
         Where the tokenizer files come from, None for the layout input.
     report : dict
         What goes into ``bonesoup-merge.json`` (method, config path, parameters).
+    adapters : list of (Path, float, Path)
+        LoRA adapter directory, coefficient of its delta, and the checkpoint it applies to
+        (that checkpoint's share of the coefficient is in ``inputs``).
     """
 
     inputs: list[tuple[Path, float, str]]
     out_dtype: str | None
     tokenizer_dir: Path | None
     report: dict
+    adapters: list[tuple[Path, float, Path]] = field(default_factory=list)
+
+
+class _Ref(NamedTuple):
+    """A model entry: a checkpoint directory, plus the LoRA adapter applied to it (None: the checkpoint alone)."""
+
+    path: Path
+    adapter: Path | None = None
 
 
 def load_mergekit_config(path: str | os.PathLike) -> dict:
@@ -119,11 +137,40 @@ def _number(value, what: str) -> float:
 
 
 def _model_path(entry, where: str) -> Path:
+    """A plain checkpoint directory (base_model, tokenizer_source): no adapter allowed there."""
+    ref = _model_ref(entry, where, None, adapters=False)
+    return ref.path
+
+
+def _model_ref(entry, where: str, base: Path | None, *, adapters: bool = True) -> _Ref:
+    """A model entry: ``DIR``, ``BASE+ADAPTER`` (mergekit's model+LoRA) or a plain adapter directory on ``base``."""
+    from .adapter_merge import ADAPTER_CONFIG, is_adapter_dir
+
     if not isinstance(entry, str) or not entry:
         raise ValueError(f"{where} must be a checkpoint directory (a string), got {entry!r:.80}")
     if "+" in entry and not Path(entry).exists():
-        raise ValueError(f"{where} {entry!r} names a model+LoRA pair; apply the adapter first (not supported here)")
-    return Path(entry)
+        if not adapters:
+            raise ValueError(f"{where} {entry!r} names a model+LoRA pair, which is supported in 'models' only")
+        model, lora = entry.split("+", 1)
+        if not is_adapter_dir(lora):
+            raise ValueError(f"{where} {entry!r} names a model+LoRA pair but {lora!r} holds no {ADAPTER_CONFIG} "
+                             "(a peft LoRA adapter directory)")
+        return _Ref(Path(model), Path(lora))
+    if not is_adapter_dir(entry):
+        return _Ref(Path(entry))
+    if not adapters:
+        raise ValueError(f"{where} {entry!r} is a LoRA adapter; it must be a checkpoint directory")
+    if base is None:  # the base the adapter records
+        cfg_file = Path(entry) / ADAPTER_CONFIG
+        try:
+            recorded = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where}: cannot read {cfg_file}: {exc}") from None
+        if not isinstance(recorded, str) or not Path(recorded).is_dir():
+            raise ValueError(f"{where} {entry!r} is a LoRA adapter whose base ({recorded!r}, from {cfg_file}) is not "
+                             "a local directory; name it as base_model or write the model as BASE+ADAPTER")
+        base = Path(recorded)
+    return _Ref(base, Path(entry))
 
 
 def _parameters(value, where: str, method: str, allowed: set) -> dict:
@@ -163,15 +210,6 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError(f"{source}: 'models' must be a non-empty list of {{model: DIR, parameters: {{...}}}}")
-    entries: list[tuple[Path, dict]] = []
-    for i, m in enumerate(models):
-        where = f"{source}: models[{i}]"
-        if isinstance(m, str):
-            m = {"model": m}
-        if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
-            raise ValueError(f"{where} must be a mapping with 'model' (and optional 'parameters'), got {m!r:.120}")
-        params = _parameters(m.get("parameters"), f"{where}.parameters", method, allowed)
-        entries.append((_model_path(m["model"], f"{where}.model"), {**top, **params}))
     base = config.get("base_model")
     if method == "bone_soup" and config.get("sft") is not None:
         if base is not None:
@@ -180,6 +218,15 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
     elif config.get("sft") is not None:
         raise ValueError(f"{source}: 'sft' is a bone_soup key; merge_method {method!r} names its base as base_model")
     base_path = _model_path(base, f"{source}: base_model") if base is not None else None
+    entries: list[tuple[_Ref, dict]] = []
+    for i, m in enumerate(models):
+        where = f"{source}: models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
+            raise ValueError(f"{where} must be a mapping with 'model' (and optional 'parameters'), got {m!r:.120}")
+        params = _parameters(m.get("parameters"), f"{where}.parameters", method, allowed)
+        entries.append((_model_ref(m["model"], f"{where}.model", base_path), {**top, **params}))
 
     def param(params: dict, name: str, where: str, default=None):
         if name not in params:
@@ -194,7 +241,7 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
             raise ValueError(f"{source}: parameter {name!r} must be true or false, got {value!r:.40}")
         return value
 
-    inputs: list[tuple[Path, float, str]]
+    inputs: list[tuple[_Ref, float, str]]
     report: dict = {"method": f"mergekit:{method}", "config": source}
     if method == "linear":
         weights = [param(p, "weight", f"{source}: models[{i}]") for i, (_, p) in enumerate(entries)]
@@ -203,11 +250,11 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
         if normalize and total == 0.0:
             raise ValueError(f"{source}: normalize is true but the weights {weights} sum to 0")
         scale = 1.0 / total if normalize else 1.0
-        inputs = [(path, w * scale, "model") for (path, _), w in zip(entries, weights)]
-        if base_path is not None and not any(_same(base_path, p) for p, _ in entries):
-            inputs.insert(0, (base_path, 0.0, "base"))  # layout, config and tokenizer only
+        inputs = [(ref, w * scale, "model") for (ref, _), w in zip(entries, weights)]
+        if base_path is not None and not any(_same(base_path, ref.path) for ref, _ in entries):
+            inputs.insert(0, (_Ref(base_path), 0.0, "base"))  # layout, config and tokenizer only
         elif base_path is not None:
-            k = next(k for k, (p, _, _) in enumerate(inputs) if _same(base_path, p))
+            k = next(k for k, (ref, _, _) in enumerate(inputs) if _same(base_path, ref.path))
             inputs.insert(0, inputs.pop(k))
         report.update(weights=weights, normalize=normalize)
     elif method == "task_arithmetic":
@@ -215,15 +262,16 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
             raise ValueError(f"{source}: merge_method 'task_arithmetic' needs base_model (the task vectors are "
                              "x_i - base_model)")
         lam = param(top, "lambda", source, default=1.0)
-        tasks = [(i, path, p) for i, (path, p) in enumerate(entries) if not _same(base_path, path)]
+        # A model equal to the base adds a zero task vector; the base with a LoRA adds the LoRA's delta.
+        tasks = [(i, ref, p) for i, (ref, p) in enumerate(entries) if ref.adapter or not _same(base_path, ref.path)]
         weights = [param(p, "weight", f"{source}: models[{i}]") for i, _, p in tasks]
         normalize = flag(top, "normalize", False) and all(flag(p, "normalize", False) for _, _, p in tasks)
         total = math.fsum(weights)
         # mergekit divides by the weight sum unless it is below 1e-8 in magnitude (then by 1)
         scale = lam / total if normalize and abs(total) >= 1e-8 else lam
         coeffs = [w * scale for w in weights]
-        inputs = [(base_path, 1.0 - math.fsum(coeffs), "base")]
-        inputs += [(path, c, "model") for (_, path, _), c in zip(tasks, coeffs)]
+        inputs = [(_Ref(base_path), 1.0 - math.fsum(coeffs), "base")]
+        inputs += [(ref, c, "model") for (_, ref, _), c in zip(tasks, coeffs)]
         report.update(weights=weights, normalize=normalize, **{"lambda": lam})
     else:  # bone_soup: our method in mergekit's schema
         pref = [param(p, "preference", f"{source}: models[{i}]") for i, (_, p) in enumerate(entries)]
@@ -233,9 +281,9 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
         if c_sft != 0.0 and base_path is None:
             raise ValueError(f"{source}: alpha={alpha} extrapolates away from the SFT model, so base_model (or sft) "
                              "must name it")
-        inputs = [(path, float(k), "backbone") for (path, _), k in zip(entries, c)]
+        inputs = [(ref, float(k), "backbone") for (ref, _), k in zip(entries, c)]
         if base_path is not None:
-            inputs.append((base_path, float(c_sft), "sft"))
+            inputs.append((_Ref(base_path), float(c_sft), "sft"))
         report.update(preference=pref, beta=beta, alpha=alpha)
 
     out_dtype = config.get("out_dtype") or config.get("dtype")
@@ -250,7 +298,24 @@ def plan_from_config(config: dict, source: str = "config") -> MergekitPlan:
     if tok not in (None, "base"):
         tokenizer_dir = _model_path(tok, f"{source}: tokenizer_source")
     report.update(dtype_config=config.get("dtype"), out_dtype=out_name, tokenizer_source=tok)
-    return MergekitPlan(inputs, out_name, tokenizer_dir, report)
+    full, adapters = _split_adapters(inputs)
+    return MergekitPlan(full, out_name, tokenizer_dir, report, adapters)
+
+
+def _split_adapters(inputs: list[tuple[_Ref, float, str]]) -> tuple[list[tuple[Path, float, str]], list]:
+    """``c (BASE + D)`` -> ``c BASE`` and ``c D``; terms of one checkpoint summed (each file read once), order kept."""
+    full: list[tuple[Path, float, str]] = []
+    adapters = []
+    for ref, c, role in inputs:
+        if ref.adapter is not None:
+            adapters.append((ref.adapter, c, ref.path))
+            role = "adapter base"
+        k = next((k for k, (p, _, _) in enumerate(full) if _same(p, ref.path)), None)
+        if k is None:
+            full.append((ref.path, c, role))
+        else:
+            full[k] = (full[k][0], full[k][1] + c, full[k][2])
+    return full, adapters
 
 
 def _same(a: Path, b: Path) -> bool:

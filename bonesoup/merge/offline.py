@@ -9,9 +9,14 @@ preference into one merged checkpoint directory:
 
 The merge streams: for each output shard (the first backbone's layout), keys
 are taken in batches of about :data:`MERGE_BATCH_BYTES` of output, the inputs
-are memory-mapped, merged in one pass by ``soupkernels.merge_many`` and
-appended to the shard file. Peak memory is one batch of output plus the
-mapped input pages of that batch, not one model (nor one shard).
+are memory-mapped, merged in one pass and appended to the shard file. Peak
+memory is a batch or two of output plus the mapped input pages of a batch,
+not one model (nor one shard).
+
+On the CPU the merge is :func:`bonesoup.merge.cpu_merge.merge_checkpoints_cpu`
+(memory-mapped files into ``soupkernels._C``, writes overlapped with the
+next batch's merge): one home for it. This module adds the CUDA path
+(``soupkernels.merge_many`` on the GPU, uploads double-buffered).
 """
 
 from __future__ import annotations
@@ -43,9 +48,7 @@ from .checkpoint import (
     parse_dtype,
     validate_compatible,
 )
-from .coefficients import merge_coefficients
-from .cpu_merge import check_float32_coefficients
-from .methods import get_merge_method
+from .cpu_merge import check_output_dir, merge_checkpoints_cpu, preference_inputs
 
 __all__ = ["MERGE_BATCH_BYTES", "merge_checkpoints"]
 
@@ -148,43 +151,25 @@ def merge_checkpoints(
     """
     started = time.perf_counter()
 
-    # 1. Arguments and coefficients, before touching any file.
-    spec = get_merge_method(method)
-    if isinstance(backbones, (str, os.PathLike)):
-        raise TypeError(f"backbones must be a sequence of checkpoint directories, got the single path {backbones!r}")
-    backbones = [Path(b) for b in backbones]
-    pref = list(preference)
-    if len(backbones) != len(pref):
-        raise ValueError(f"preference has {len(pref)} entries but {len(backbones)} backbones were given; "
-                         "they must match (one weight per backbone)")
-    coeffs, sft_coeff = merge_coefficients(pref, method=method, beta=beta, alpha=alpha)
-    check_float32_coefficients([*coeffs, sft_coeff], f"preference {pref}, beta={beta!r}, alpha={alpha!r}")
-    if sft_coeff != 0.0 and sft is None:
-        raise ValueError(f"alpha={alpha!r} extrapolates away from the SFT model, so sft (its checkpoint "
-                         "directory) is required")
-    out_dtype = parse_dtype(dtype)
+    # 1. Where it runs: the CPU merge has one home (cpu_merge, torch-free); this function adds CUDA.
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cpu":
+        return merge_checkpoints_cpu(backbones, out_dir, preference=preference, beta=beta, alpha=alpha, sft=sft,
+                                     method=method, dtype=dtype, force=force, progress=progress)
+    inputs, fields = preference_inputs(backbones, preference=preference, beta=beta, alpha=alpha, sft=sft,
+                                       method=method)
+    out_dtype = parse_dtype(dtype)
+    if not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} was requested but CUDA is not available "
                          "(torch.cuda.is_available() is False); use device='cpu'")
-    out_dir = Path(out_dir)
-    sft_path = Path(sft) if sft is not None else None
-    for p in backbones + ([sft_path] if sft_path else []):
-        # out_dir may be replaced (force=True): it must neither be nor contain an input.
-        if p.exists() and out_dir.exists() and p.resolve().is_relative_to(out_dir.resolve()):
-            raise ValueError(f"out_dir {out_dir} is or contains the input {p}; write the merge somewhere else")
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass force=True (--force) to replace it")
+    out_dir = check_output_dir(out_dir, [i.path for i in inputs], force)
 
     # 2. Open every input (headers only) and refuse disagreements before writing.
-    checkpoints = [CheckpointDir(p) for p in backbones]
-    sft_ckpt = CheckpointDir(sft_path) if sft_path is not None else None
-    validate_compatible(checkpoints + ([sft_ckpt] if sft_ckpt else []))
-    all_inputs = list(zip(checkpoints, (float(c) for c in coeffs), ["backbone"] * len(checkpoints)))
-    if sft_ckpt is not None:
-        all_inputs.append((sft_ckpt, float(sft_coeff), "sft"))
+    all_inputs = [(CheckpointDir(i.path), i.coefficient, i.role) for i in inputs]
+    validate_compatible([ck for ck, _, _ in all_inputs])
+    checkpoints = [ck for ck, _, role in all_inputs if role == "backbone"]
     used = [(ck, c) for ck, c, _ in all_inputs if c != 0.0] or [(checkpoints[0], 0.0)]
 
     # 3. Plan the output: the first backbone's files, each tensor's output dtype.
@@ -214,12 +199,11 @@ def merge_checkpoints(
     with atomic_output_dir(out_dir, force=force, required_bytes=required) as tmp:
         copy_side_files(first, tmp, config_updates=config_updates)
         job = _Job(first, [ck for ck, _ in used], [c for _, c in used], device, stats)
-        run = _run_cuda if device.type == "cuda" else _run_cpu
         with tqdm(total=data_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"merging {len(used)} checkpoints", disable=not progress) as bar:
             writer = None
             try:
-                for batch, outs in run(job, _batches(layouts, first, out_dtype_of)):
+                for batch, outs in _run_cuda(job, _batches(layouts, first, out_dtype_of)):
                     if writer is None or writer.layout is not batch.layout:
                         if writer is not None:
                             writer.close()
@@ -237,10 +221,7 @@ def merge_checkpoints(
         finish_shards(tmp, layouts, first, data_bytes)
         seconds = time.perf_counter() - started
         report = {
-            "method": method,
-            "preference": [float(x) for x in pref],
-            "beta": None if not spec.needs_beta or beta is None else float(beta),
-            "alpha": float(alpha),
+            **fields,
             "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
             "device": str(device),
             "inputs": [{"path": str(ck.path.absolute()), "role": role, "coefficient": c}
@@ -393,17 +374,6 @@ def _write_batch(writer: ShardWriter, batch: _Batch, outs: list[torch.Tensor]) -
     for key, out in zip(batch.keys, outs):
         writer.write(key, out)
     return sum(o.nbytes for o in outs)
-
-
-def _run_cpu(job: _Job, batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, list[torch.Tensor]]]:
-    """Yield (batch, merged CPU tensors); each batch's outputs are dropped before the next is made."""
-    for batch in batches:
-        with ExitStack() as stack:
-            groups = _read(job, batch, stack)
-            outs = _merge(job, batch, groups)
-            del groups
-            yield batch, outs  # the consumer writes them while the input files are still mapped
-            del outs
 
 
 def _run_cuda(job: _Job, batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, list[torch.Tensor]]]:

@@ -55,6 +55,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kl-estimator", choices=["k1", "k3"], default=d.kl_estimator)
     g.add_argument("--adaptive-kl", action="store_true", help="steer the KL coefficient towards --target-kl")
     g.add_argument("--target-kl", type=float, default=d.target_kl)
+    g.add_argument("--early-stop-kl", type=float, default=None, metavar="KL",
+                   help="stop a step's PPO epochs once a minibatch's approximate KL exceeds 1.5 x KL (default off)")
     g.add_argument("--vf-coef", type=float, default=d.vf_coef)
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -69,6 +71,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if available)")
     g.add_argument("--threads", type=int, help="torch CPU threads per process")
     g.add_argument("--force", action="store_true", help="replace existing output directories")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a resumable training checkpoint every N steps beside the output (default 0: off)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest training checkpoint of the same run (none: start afresh); "
+                   "train-all skips the models already written")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -140,7 +147,8 @@ def _setup(args):
         kl_estimator=args.kl_estimator, adaptive_kl=args.adaptive_kl, target_kl=args.target_kl,
         vf_coef=args.vf_coef, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         missing_eos_penalty=args.missing_eos_penalty, whiten_rewards=args.whiten_rewards, seed=args.seed,
-        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing)
+        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, early_stop_kl=args.early_stop_kl,
+        save_every=args.save_every)
     if args.normalize and args.normalization:
         raise ValueError("--normalize and --normalization exclude each other")
     if not (args.normalize or args.normalization):
@@ -178,7 +186,7 @@ def _cmd_train(args) -> int:
     records = train_checkpoint(sft, out, rewards=rewards, weights=weights, prompts=prompts, config=config,
                                normalization=norm, separate_critic=args.value_model == "separate",
                                lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress, device=args.device,
-                               metadata={"combination": name, "beta": args.beta})
+                               metadata={"combination": name, "beta": args.beta}, resume=args.resume)
     if _is_main():
         last = records[-1]
         print(json.dumps({"out": str(out), "weights": weights.tolist(), "steps": len(records),
@@ -210,7 +218,7 @@ def _cmd_train_all(args) -> int:
         runs += [(f"expert-{i}", np.eye(n)[i]) for i in range(n)]
     root = args.out
     for name, _ in runs:  # refuse before hours of training, not after
-        if (root / name).exists() and not args.force:
+        if (root / name).exists() and not args.force and not args.resume:
             raise FileExistsError(f"output directory {root / name} already exists; pass --force to replace it")
     root.mkdir(parents=True, exist_ok=True)
     if norm is not None and _is_main():
@@ -219,10 +227,16 @@ def _cmd_train_all(args) -> int:
     for name, w in runs:
         if _is_main():
             print(f"[train-all] {name}: weights {np.round(w, 4).tolist()}", file=sys.stderr)
-        records = train_checkpoint(sft, root / name, rewards=rewards, weights=w, prompts=prompts, config=config,
-                                   normalization=norm, separate_critic=args.value_model == "separate",
-                                   lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress, device=args.device,
-                                   metadata={"combination": name, "beta": args.beta})
+        if args.resume and not args.force and (root / name / "config.json").is_file():  # written before the kill
+            from bonesoup.train.ppo.training_log import read_training_log
+
+            records = read_training_log(root / name / "train_log.jsonl")
+        else:
+            records = train_checkpoint(sft, root / name, rewards=rewards, weights=w, prompts=prompts, config=config,
+                                       normalization=norm, separate_critic=args.value_model == "separate",
+                                       lora_rank=args.lora_rank, force=args.force, progress=not args.no_progress,
+                                       device=args.device, metadata={"combination": name, "beta": args.beta},
+                                       resume=args.resume)
         summary["models"][name] = {"weights": w.tolist(), "final_score": records[-1]["score"],
                                    "final_kl": records[-1]["kl"],
                                    "seconds": sum(r["seconds"] for r in records)}

@@ -6,7 +6,8 @@
 - :mod:`bonesoup.train.ppo.policy`: policy + value head, dropout off, LoRA, activation checkpointing;
 - :mod:`bonesoup.train.ppo.distributed`: data parallelism under torchrun;
 - :mod:`bonesoup.train.ppo.trainer`: :class:`PPOTrainer`, one numbered PPO step (single process or DDP);
-- :mod:`bonesoup.train.ppo.training_log`: JSONL log and its plot.
+- :mod:`bonesoup.train.ppo.training_log`: JSONL log and its plot;
+- :mod:`bonesoup.train.ppo.training_state`: training checkpoints (atomic) and resume.
 """
 
 from .losses import AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_whiten

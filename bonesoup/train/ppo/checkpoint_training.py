@@ -67,7 +67,7 @@ def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewa
                      weights: Sequence[float], prompts: Sequence[str], config: PPOConfig,
                      normalization: RewardNormalization | None = None, separate_critic: bool = False,
                      lora_rank: int | None = None, force: bool = False, progress: bool = True, metadata: dict | None = None,
-                     device: str | torch.device | None = None) -> list[dict]:
+                     device: str | torch.device | None = None, resume: bool = False) -> list[dict]:
     """Train a policy from the SFT checkpoint ``sft`` on ``sum_i weights[i] * norm(r_i)`` and save it to ``out_dir``.
 
     The output holds the policy weights only (no value head), the tokenizer,
@@ -79,20 +79,31 @@ def train_checkpoint(sft: str | os.PathLike, out_dir: str | os.PathLike, *, rewa
     still a full checkpoint (adapters merged). Under ``torchrun`` every
     process calls this and the main one writes.
 
+    ``config.save_every`` / ``resume``: training checkpoints and resuming
+    from the newest one (:meth:`PPOTrainer.train`); a checkpoint is refused
+    when the SFT checkpoint's fingerprint, the rewards, weights,
+    normalisation, LoRA rank, value model or the PPO settings differ.
+
     Returns the per-step statistics.
     """
     fns, names = _reward_fns(rewards)
     reward = CombinedReward(fns, weights, names=names, normalization=normalization)
     policy, tok = load_policy(sft)
-    if lora_rank is not None:
-        policy = with_lora(policy, lora_rank)
+    if lora_rank is not None:  # the adapters' random init is the run's seed's, not the global generator's
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            policy = with_lora(policy, lora_rank)
     critic = load_policy(sft)[0] if separate_critic else None
     trainer = PPOTrainer(config, policy, tok, reward, prompts, critic=critic, device=device)
     meta = {"sft": str(Path(sft).absolute()), "rewards": names, "weights": list(map(float, reward.weights)),
             "normalization": normalization.to_dict() if normalization else None,
             "value_model": "separate" if separate_critic else "shared", "lora_rank": lora_rank,
             **(metadata or {})}
-    return trainer.train(out_dir=out_dir, force=force, progress=progress, metadata=meta)
+    if config.save_every or resume:  # a resume must start from the same SFT weights, not only the same path
+        from bonesoup.fingerprint import checkpoint_fingerprint
+
+        meta["sft_fingerprint"] = checkpoint_fingerprint(sft)
+    return trainer.train(out_dir=out_dir, force=force, progress=progress, metadata=meta, resume=resume)
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields
 
 from .losses import AdaptiveKLController
 
@@ -58,6 +59,9 @@ class PPOConfig:
     """Target sequence KL (nats) of the adaptive controller."""
     kl_horizon: float = 10000.0
     """Horizon of the adaptive controller (rollouts)."""
+    early_stop_kl: float | None = None
+    """Stop a step's PPO epochs once a minibatch's approximate KL to the rollout policy exceeds 1.5 x this
+    (trl's ``early_stopping`` with ``target_kl``; None: off)."""
     whiten_rewards: bool = False
     """Rescale per-token rewards by their masked std (mean kept) before GAE."""
     whiten_advantages: bool = True
@@ -70,6 +74,14 @@ class PPOConfig:
     """bf16 autocast for forward passes (None: on for CUDA, off on the CPU)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in backward (None: on for CUDA)."""
+    save_every: int = 0
+    """Write a training checkpoint (resumable, :mod:`~bonesoup.train.ppo.training_state`) every N steps; 0: off."""
+    checkpoint_dir: str | None = None
+    """Where training checkpoints go (None: ``<out_dir>.checkpoints`` beside the output)."""
+
+    #: Fields that say where and how often state is written, not what a step computes: a resumed run may
+    #: change them (and ``steps``, to extend a run) without changing any result.
+    RESUMABLE_CHANGES = ("steps", "save_every", "checkpoint_dir")
 
     def __post_init__(self):
         def positive_int(name):
@@ -104,6 +116,15 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.adaptive_kl:
             AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)  # validates target and horizon
+        if self.early_stop_kl is not None and not (isinstance(self.early_stop_kl, (int, float))
+                                                   and self.early_stop_kl > 0 and math.isfinite(self.early_stop_kl)):
+            raise ValueError(f"early_stop_kl must be a positive number or None, got {self.early_stop_kl!r}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer >= 0 (0 = off), got {self.save_every!r}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)  # JSON-able in the metadata
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise ValueError(f"missing_eos_penalty must be finite, got {self.missing_eos_penalty!r}")
 
@@ -114,6 +135,10 @@ class PPOConfig:
         if self.mini_batch_size % (world * self.grad_accum_steps):
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of world size x "
                              f"grad_accum_steps ({world} x {self.grad_accum_steps})")
+
+    def run_settings(self) -> dict:
+        """The fields that decide what each step computes (all but :attr:`RESUMABLE_CHANGES`), JSON-able."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE_CHANGES}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PPOConfig":

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["PolicyAndValue", "disable_dropout", "with_lora", "is_peft_model", "enable_checkpointing"]
+__all__ = ["PolicyAndValue", "disable_dropout", "with_lora", "is_peft_model", "enable_checkpointing",
+           "merged_lora_state_dict"]
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -96,3 +97,41 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@torch.no_grad()
+def merged_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a peft LoRA model with its active adapters merged, without touching or copying the model.
+
+    Keys are the base model's own (no ``base_layer.`` / ``lora_`` keys).
+    Each adapted weight is a new tensor ``W + delta`` (the same arithmetic as
+    peft's ``merge``); every other entry is the model's own tensor, so the
+    extra memory is the adapted weights only, not a copy of the model (which
+    ``copy.deepcopy(model).merge_and_unload()`` would make), and the model
+    keeps training (its base, the PPO reference, is left bit for bit as it was).
+    Vanilla LoRA only (no DoRA or other variants, no LoRA bias).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, mod in base.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        w = mod.get_base_layer().weight
+        out = w
+        for a in mod.active_adapters:
+            if a not in mod.lora_A:
+                continue
+            if a in getattr(mod, "lora_variant", {}) or getattr(mod, "lora_bias", {}).get(a, False):
+                raise NotImplementedError(f"{name}: adapter {a!r} is not vanilla LoRA (a variant or a LoRA bias); "
+                                          "merging it is not supported here")
+            out = out + mod.get_delta_weight(a).to(w.dtype)
+        merged[f"{name}.weight"] = out
+    sd = {}
+    for k, v in base.state_dict(keep_vars=False).items():
+        if "lora_" in k:
+            continue
+        k = k.replace(".base_layer.", ".")
+        sd[k] = merged.get(k, v)
+    return sd

@@ -11,8 +11,9 @@ One :meth:`PPOTrainer.step` is the numbered sequence of CleanRL's ``ppo.py``:
    of epoch 0 (so the first minibatch sees ratio 1 and approximate KL 0);
 6. per-token KL penalty, score on the last real token, GAE, whitening;
 7. several epochs over shuffled minibatches with gradient accumulation,
-   clipped surrogate + clipped value loss, grad-norm clipping;
-8. statistics and the KL-coefficient update.
+   clipped surrogate + clipped value loss, grad-norm clipping (optionally
+   stopped early when the approximate KL to the rollout policy grows too large);
+8. statistics and the KL-coefficient update (fixed, or adaptive: Ziegler et al.).
 
 Data parallel: under ``torchrun`` every process samples and scores its slice
 of the global batch, then all of them hold the whole (small) rollout tensors,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -316,14 +318,20 @@ class PPOTrainer:
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        # 7. PPO epochs over minibatches, gradient accumulation, grad-norm clipping.
+        # 7. PPO epochs over minibatches, gradient accumulation, grad-norm clipping; optionally stop the
+        #    epochs early once the policy has moved too far from the rollout policy (trl's early_stopping:
+        #    the minibatch that crossed 1.5 x early_stop_kl is still applied, the rest of the step is not).
         stats_sum: dict[str, float] = {}
-        n_micro = 0
+        n_micro = updates = 0
         grad_norms = []
+        stopped = False
         for epoch, minibatches in enumerate(schedule):
+            if stopped:
+                break
             for k, (rows, micro) in enumerate(minibatches):
                 # Global token count of the minibatch (all processes' shares): the masked-mean denominator.
                 n_tokens = mask[rows].sum()
+                kl_sum = 0.0
                 self.optimizer.zero_grad(set_to_none=True)
                 for j, mb in enumerate(micro):
                     last = j == len(micro) - 1
@@ -350,9 +358,16 @@ class PPOTrainer:
                                         ("approx_kl", pg_info["approx_kl"]), ("clipfrac", pg_info["clipped"]),
                                         ("vf_clipfrac", vf_clipped), ("ratio", pg_info["ratio"])):
                             stats_sum[name] = stats_sum.get(name, 0.0) + float(masked_mean(v, m))
+                        kl_sum += float((pg_info["approx_kl"] * m).sum())
                     n_micro += 1
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.max_grad_norm)))
                 self.optimizer.step()
+                updates += 1
+                if c.early_stop_kl is not None:  # the minibatch's token mean over all processes, same on every rank
+                    mb_kl = self._all_mean({"kl": kl_sum})["kl"] * d.world / float(n_tokens)
+                    if mb_kl > 1.5 * c.early_stop_kl:
+                        stopped = True
+                        break
         t_train = time.perf_counter() - t1
 
         # 8. Statistics (means over the global batch) and the KL controller.
@@ -371,6 +386,8 @@ class PPOTrainer:
             "advantages_raw": float(masked_mean(raw_advantages, mask)),
             "values": float(masked_mean(old_values, mask)),
             "grad_norm": sum(grad_norms) / len(grad_norms),
+            "ppo_updates": updates,
+            "early_stopped": float(stopped),
         }
         stats.update(self._all_mean({k: v / n_micro for k, v in stats_sum.items()}))
         if objectives is not None:
@@ -392,8 +409,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop and the output
 
     def train(self, steps: int | None = None, *, out_dir: str | os.PathLike | None = None, force: bool = False,
-              progress: bool = True, metadata: dict | None = None) -> list[dict]:
-        """Run ``steps`` (default ``config.steps``) PPO steps; optionally write the result.
+              progress: bool = True, metadata: dict | None = None, resume: bool = False) -> list[dict]:
+        """Train until ``steps`` steps are done (default ``config.steps``); optionally write the result.
 
         With ``out_dir``, the main process writes, atomically (a temporary
         directory renamed into place at the end; nothing is left under the
@@ -402,25 +419,42 @@ class PPOTrainer:
         (one line of statistics per step, written as training goes),
         ``train_log.png`` and ``bonesoup-train.json`` (config, metadata, time).
 
-        Returns the per-step statistics.
+        ``config.save_every = N > 0``: the main process writes a training checkpoint
+        (:mod:`~bonesoup.train.ppo.training_state`) every N steps under ``config.checkpoint_dir``
+        (default ``<out_dir>.checkpoints``), keeping the newest; they are removed once ``out_dir`` is
+        in place. ``resume=True`` continues from the newest complete one (none: from step 0), with the
+        uninterrupted run's result; one of a run with other settings (``config.run_settings()``),
+        prompts, reward, trainable parameters or ``metadata`` is refused, naming the field.
+
+        Returns the per-step statistics of every step (restored ones included).
         """
+        from . import training_state as ts
         from .training_log import TrainingLog
 
-        steps = self.config.steps if steps is None else steps
+        c = self.config
+        steps = c.steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        ckpt_root = Path(c.checkpoint_dir) if c.checkpoint_dir is not None else (
+            Path(f"{os.fspath(out_dir)}.checkpoints") if out_dir is not None else None)
+        if (c.save_every or resume) and ckpt_root is None:
+            raise ValueError("save_every / resume need config.checkpoint_dir or an out_dir (checkpoints go beside it)")
+        description = ts.run_description(self, metadata) if ckpt_root is not None else None
         records: list[dict] = []
         write = out_dir is not None and self.dist.is_main
-        if write:
-            from bonesoup.merge.checkpoint import atomic_output_dir
+        from bonesoup.merge.checkpoint import atomic_output_dir
 
-            ctx = atomic_output_dir(out_dir, force=force)
-        else:
-            ctx = nullcontext(None)
+        # Refuses an existing output before any training.
+        ctx = atomic_output_dir(out_dir, force=force) if write else nullcontext(None)
         t0 = time.perf_counter()
         with ctx as tmp:
+            latest = ts.latest_checkpoint(ckpt_root) if resume else None
+            if latest is not None:
+                records = ts.restore_trainer(self, latest, description)
             log = TrainingLog(Path(tmp) / "train_log.jsonl") if write else None
-            bar = range(steps)
+            for r in records if log is not None else ():
+                log.append(r)
+            bar = range(self.step_index, steps)
             if progress and self.dist.is_main:
                 from tqdm.auto import tqdm
 
@@ -430,27 +464,38 @@ class PPOTrainer:
                 records.append(s)
                 if log is not None:
                     log.append(s)
+                if c.save_every and self.step_index % c.save_every == 0 and self.step_index < steps \
+                        and self.dist.is_main:
+                    ts.save_trainer(self, ckpt_root, records, description)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(score=f"{s['score']:.3f}", kl=f"{s['kl']:.2f}", ent=f"{s['entropy']:.2f}")
             if write:
                 log.close()
                 self.save_policy(tmp)
                 log.plot(Path(tmp) / "train_log.png", self.objective_names)
-                meta = {"config": asdict(self.config), "steps": steps, "world_size": self.dist.world,
+                meta = {"config": asdict(c), "steps": steps, "world_size": self.dist.world,
                         "seconds": time.perf_counter() - t0, "final": records[-1] if records else None,
+                        "resumed_from": str(latest) if latest is not None else None,
                         "objectives": self.objective_names, **(metadata or {})}
                 (Path(tmp) / "bonesoup-train.json").write_text(json.dumps(meta, indent=2))
+        if write and ckpt_root is not None:  # the output is in place: the checkpoints have served
+            for p in ts.complete_checkpoints(ckpt_root):
+                shutil.rmtree(p, ignore_errors=True)
+            if ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+                ckpt_root.rmdir()
         return records
 
     def save_policy(self, out_dir: str | os.PathLike) -> None:
         """``save_pretrained`` of the policy alone (no value head) plus the tokenizer, into ``out_dir``.
 
-        A LoRA policy is saved with its adapters merged into a copy of the
-        base weights: a full checkpoint with the SFT model's keys, which is what
-        the merges (``merge_checkpoints``, ``LiveSoup``) combine.
+        A LoRA policy is saved with its adapters merged into the base weights (no copy of the model,
+        the base left as it was: :func:`~bonesoup.train.ppo.policy.merged_lora_state_dict`): a full
+        checkpoint with the SFT model's keys, which the merges (``merge_checkpoints``, ``LiveSoup``) combine.
         """
-        policy = self.policy
         if self.lora:
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(out_dir)
+            from .policy import merged_lora_state_dict
+
+            self.policy.get_base_model().save_pretrained(out_dir, state_dict=merged_lora_state_dict(self.policy))
+        else:
+            self.policy.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
