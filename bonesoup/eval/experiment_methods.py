@@ -172,9 +172,8 @@ def preference_grid(points: int, n: int = 2) -> np.ndarray:
 def simplex_grid(n: int, divisions: int) -> np.ndarray:
     """Every mu with entries in {0, 1/d, ..., 1} summing to 1 (d = ``divisions``): [C(d + n - 1, n - 1), n].
 
-    Rows in lexicographic order of the counts, largest mu_1 first (so the
-    first row is e_1 and the last e_n, as :func:`preference_grid` at n = 2
-    runs from (0, 1) to (1, 0) reversed).
+    Rows in lexicographic order of the counts, largest mu_1 first: the first
+    row is e_1, the last e_n.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
@@ -207,10 +206,10 @@ def morlhf_preferences(weights: Sequence[float], n: int) -> list[tuple[float, ..
 
     Each ``m`` of ``weights`` (``ExperimentConfig.morlhf``) gives the
     preferences with weight ``m`` on one objective and ``(1 - m) / (n - 1)``
-    on each other one; at n = 2 only (m, 1 - m) (so ``m`` is mu_1, and
-    (0.25, 0.75) gives both sides), at n = 3 and m = 0.5 the three points
-    (0.5, 0.25, 0.25), ... . Duplicates are dropped; sorted by mu_1 at n = 2,
-    by decreasing mu otherwise.
+    on each other one; at n = 2 only (m, 1 - m), so ``m`` is mu_1 as before
+    (list 0.25 and 0.75 for both sides); at n = 3, m = 0.5 gives the three
+    points (0.5, 0.25, 0.25), (0.25, 0.5, 0.25), (0.25, 0.25, 0.5).
+    Duplicates are dropped; sorted by mu_1 at n = 2, by decreasing mu otherwise.
     """
     out: dict[str, tuple] = {}
     for m in weights:
