@@ -338,6 +338,8 @@ def plot_pareto(cfg, summary: dict, per_seed: dict, path: Path) -> Path:
             s = summary["methods"][name]
             pts = np.asarray(s["mean_points"])
             color, style = m.style
+            if n > 2:  # a projection of a simplex sweep: joining its points in grid order draws no curve
+                style = style.replace("-", "").replace(":", "")
             std = s["hv_std"]
             hv = f"HV {s['hv_mean']:.3f}" + ("" if np.isnan(std) else f" +- {std:.3f}")
             ax.plot(pts[:, i], pts[:, j], style, color=color, ms=5 if m.decode is not None else 11, lw=1.2,
