@@ -164,7 +164,7 @@ def _bad(project, tmp_path, **changes):
     (dict(rewards=[{"hf": "models/rm-pair", "label": "great"}, "sentiment"]), "no label 'great'"),
     (dict(rewards=[{"hf": "models/sft-llama"}, "sentiment"]), "not a *ForSequenceClassification"),
     (dict(rewards=[{"hf": "models/rm-chat", "colour": "red"}, "sentiment"]), "unknown option(s) ['colour']"),
-    (dict(rewards=["sentiment", "conciseness", "readability"]), "rewards: the experiment compares methods on 2"),
+    (dict(rewards=["sentiment"]), "rewards: the experiment compares methods on n >= 2 objectives"),
     (dict(rewards=["sentiment", "rewards.py:nothing"]), "no callable 'nothing'"),
     (dict(rewards=None), "rewards: required with sft"),
     (dict(morlhf=[1.5]), "morlhf"),

@@ -8,21 +8,27 @@ command trains what the comparison needs and evaluates every method on the
 same held-out prompts with the same random numbers:
 
 1. the task's SFT model (yours, or the embedded task's built in code);
-2. per training seed: n Bone Soup backbones (rewards ``h = B r``), n experts
+2. with a ``beta_grid``: the beta search (:mod:`bonesoup.eval.beta_search`), short backbone runs at
+   each beta, beta picked by validation hypervolume;
+3. per training seed: n Bone Soup backbones (rewards ``h = B r``), n experts
    (one reward each: Rewarded Soup's inputs and MOD's), MORLHF oracles (PPO
    on ``mu . r`` at a few preferences) and n explicit value models (token
    Q-functions of each reward under the SFT policy);
-3. on a validation slice of the TRAINING prompts: the per-objective
+4. on a validation slice of the TRAINING prompts: the per-objective
    extrapolation factors ``k_i = 1 / (1 - a_i)`` (the ``a_i`` that maximises
    reward i at ``mu = e_i``) and the guidance strengths ``w`` of MAGE
-   (the one that maximises the hypervolume of three preference points);
-4. on the held-out prompts, for each of the ``points`` preferences: Rewarded
+   (the one that maximises the hypervolume of three preference points at n = 2, the vertices
+   and the centroid at n >= 3);
+5. on the held-out prompts, for each preference of the sweep (``points`` at n = 2, a simplex grid
+   with ``simplex_points`` per edge at n >= 3): Rewarded
    Soup (experts merged with mu), Bone Soup (backbones merged with B^-1 mu),
    Bone Soup + extrapolation (per-objective k, folded into one merge), MOD
    (the experts' logits mixed with mu), MAGE implicit (Bone base + w
    (merged experts - SFT)), MAGE explicit (Bone base + w merged value
-   models), and MORLHF at its trained preferences;
-5. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
+   models), and MORLHF at its trained preferences; with ``ablations``: Rewarded Soup + per-objective
+   extrapolation, Bone Soup merged with mu instead of B^-1 mu, and MAGE's guidance on the SFT and on
+   the Rewarded Soup bases; per method the PPO runs it used and its forwards per token;
+6. metrics (:mod:`bonesoup.eval.metrics`): hypervolume at ONE reference point for
    every method (the coordinate-wise minimum over every evaluated point of
    every method and seed, minus a margin; or, ``reference_point="sft"``, the
    SFT model's mean rewards), controllability (Spearman of mu_i with r_i),
@@ -54,8 +60,8 @@ from pathlib import Path
 import torch
 
 from bonesoup.eval.experiment_eval import evaluate_seed, format_table, plot_pareto, summarize
-from bonesoup.eval.experiment_methods import (LABELS, METHOD_TABLE, METHODS, SEARCH_METHOD, get_experiment_method,
-                                              preference_grid)
+from bonesoup.eval.experiment_methods import (LABELS, METHOD_TABLE, METHODS, SEARCH_METHOD, format_accounting,
+                                              get_experiment_method, method_accounting, preference_grid)
 from bonesoup.eval.experiment_models import TrainedModels, _log
 
 __all__ = ["ExperimentConfig", "QUICK", "run_experiment", "METHODS", "METHOD_TABLE", "SEARCH_METHOD", "LABELS",
@@ -99,6 +105,10 @@ class ExperimentConfig:
     lora_rank: int | None = None
     # -- the protocol
     beta: float = 0.7
+    #: Beta search: short backbone runs at each beta, the best by validation hypervolume replaces beta (empty = off).
+    beta_grid: tuple = ()
+    #: PPO steps of each search run, as a fraction of ppo_steps.
+    beta_search_fraction: float = 0.3
     seeds: tuple = (0, 1, 2)
     #: "train": every seed trains its own models; "sample": one set of models (seed seeds[0]), seeds vary sampling.
     seed_mode: str = "train"
@@ -106,10 +116,15 @@ class ExperimentConfig:
     ppo_batch_size: int = 64
     ppo_lr: float = 1e-4
     ppo_kl_coef: float = 0.05
-    morlhf: tuple = (0.25, 0.5, 0.75)  # mu_1 of the MORLHF oracles (n = 2)
+    #: MORLHF oracles: mu_1 at n = 2; at n >= 3 each m puts weight m on one objective, the rest shared equally.
+    morlhf: tuple = (0.25, 0.5, 0.75)
     value_samples: int = 2048
     value_steps: int = 300
     points: int = 11
+    #: n >= 3: the sweep is the simplex grid with this many points per edge (step 1/(k-1); 15 preferences at n = 3).
+    simplex_points: int = 5
+    #: Also evaluate the ablations (Bone Soup with mu, MAGE's guidance on the SFT and Rewarded Soup bases).
+    ablations: bool = True
     eval_samples_per_prompt: int = 8
     val_prompts: int = 32
     val_samples_per_prompt: int = 4
@@ -140,7 +155,13 @@ class ExperimentConfig:
 
     def methods(self) -> tuple:
         """Names of the methods this configuration evaluates, in table order."""
-        return tuple(m.name for m in METHOD_TABLE if not m.search or self.search_candidates > 0)
+        return tuple(m.name for m in METHOD_TABLE if (not m.search or self.search_candidates > 0)
+                     and (not m.ablation or self.ablations))
+
+    def preferences(self):
+        """The preference sweep, [P, n] float64 (:func:`~bonesoup.eval.experiment_methods.preference_grid`)."""
+        n = len(self.rewards)
+        return preference_grid(self.points if n == 2 else self.simplex_points, n)
 
     def check(self) -> None:
         """Refuse, before anything is trained, every configuration that cannot run (ValueError naming the field).
@@ -153,11 +174,19 @@ class ExperimentConfig:
         self._check_run_fields()
         spec = self.task_spec()
         n = len(spec.rewards)
-        # The preference grid (mu_1, 1 - mu_1), MORLHF's mu_1, the LMC path and the Pareto plot are 2-objective.
-        if n != 2:
-            raise ValueError(f"rewards: the experiment compares methods on 2 objectives (its preference grid, "
-                             f"MORLHF's mu_1 and the Pareto plot), got {n}: {spec.reward_names}")
+        if n < 2:
+            raise ValueError(f"rewards: the experiment compares methods on n >= 2 objectives, got {n}: "
+                             f"{spec.reward_names}")
         validate_beta(self.beta, "beta")
+        for b in self.beta_grid:
+            validate_beta(b, "beta_grid")
+        if len(set(self.beta_grid)) != len(self.beta_grid):
+            raise ValueError(f"beta_grid: each beta once, got {list(self.beta_grid)}")
+        f = self.beta_search_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ValueError(f"beta_search_fraction must be in (0, 1] (of ppo_steps), got {f!r}")
+        if not isinstance(self.ablations, bool):
+            raise ValueError(f"ablations must be true or false, got {self.ablations!r}")
         if self.reference_point not in ("union", "sft"):
             raise ValueError(f"reference_point must be 'union' or 'sft', got {self.reference_point!r}")
         if self.seed_mode not in ("train", "sample"):
@@ -173,8 +202,10 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 2:
-            raise ValueError(f"points must be >= 2, got {self.points}")
+        for name in ("points", "simplex_points"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ValueError(f"{name} must be >= 2, got {v!r}")
         if isinstance(self.search_candidates, bool) or not isinstance(self.search_candidates, int) \
                 or self.search_candidates < 0:
             raise ValueError(f"search_candidates must be an integer >= 0 (0 = off), got {self.search_candidates!r}")
@@ -204,9 +235,10 @@ class ExperimentConfig:
                 raise ValueError(f"extrapolation_grid: a = {a} outside [0, 1) (k = 1 / (1 - a))")
         for m in self.morlhf:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < m < 1.0:
-                raise ValueError(f"morlhf: mu_1 = {m} outside (0, 1) (the endpoints are the experts)")
+                raise ValueError(f"morlhf: mu_1 = {m} outside (0, 1) (at n >= 3 the weight on one objective; the "
+                                 "vertices are the experts)")
         if len(set(self.morlhf)) != len(self.morlhf):
-            raise ValueError(f"morlhf: each mu_1 once, got {list(self.morlhf)}")
+            raise ValueError(f"morlhf: each weight once, got {list(self.morlhf)}")
 
     def _check_run_fields(self) -> None:
         from soupkernels._dtypes import parse_dtype_name
@@ -271,8 +303,15 @@ QUICK = dict(seeds=(0, 1, 2), seed_mode="sample", ppo_steps=60, morlhf=(0.5,), v
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
-    """Train (or find) every model, evaluate every method, write results.{json,md} and pareto.png under ``cfg.out``."""
+    """Train (or find) every model, evaluate every method, write results.{json,md} and pareto.png under ``cfg.out``.
+
+    With a ``beta_grid`` the beta search runs first (on the first training seed) and its choice replaces
+    ``beta`` for everything after it; results.json holds the search (``beta_search``) and the config
+    with the chosen beta.
+    """
     import transformers
+
+    from bonesoup.eval.beta_search import format_beta_search, search_beta
 
     cfg.check()
     cfg = cfg.resolved()
@@ -288,6 +327,13 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
     train_seeds = list(cfg.seeds) if cfg.seed_mode == "train" else [cfg.seeds[0]]
     paths, trained = {}, []
     t0 = time.perf_counter()
+    beta_report = None
+    if cfg.beta_grid:
+        ms = TrainedModels(cfg, root, sft, train_seeds[0], progress, task=task)
+        beta_report = search_beta(cfg, ms, sft, train_seeds[0])
+        trained += ms.trained
+        _log(f"beta search: validation hypervolume {beta_report['validation_hv']}, chosen {beta_report['chosen']:g}")
+        cfg = dataclasses.replace(cfg, beta=beta_report["chosen"])
     for s in train_seeds:
         ms = TrainedModels(cfg, root, sft, s, progress, task=task)
         paths[s] = ms.all()
@@ -301,18 +347,24 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict:
         per_seed[s] = evaluate_seed(cfg, sft, p, s, progress, task=task)
     t_eval = time.perf_counter() - t0
     summary = summarize(cfg, per_seed)
-    table = format_table(cfg, summary)
+    fwd = per_seed[cfg.seeds[0]]["forwards_per_token"]
+    accounting = {m: method_accounting(cfg, m, forwards_per_token=fwd.get(m), beta_search=beta_report)
+                  for m in cfg.methods()}
+    tables = [format_table(cfg, summary), format_accounting(cfg, accounting)]
+    if beta_report is not None:
+        tables.append(format_beta_search(beta_report))
+    table = "\n\n".join(tables)
     result = {"config": dataclasses.asdict(cfg), "task": {"name": task.name, "sources": task.sources,
                                                           "objectives": task.reward_names},
               "seconds": {"train": t_train, "evaluate": t_eval, "total": time.perf_counter() - t_start},
-              "trained_now": trained, "summary": summary,
+              "trained_now": trained, "summary": summary, "accounting": accounting, "beta_search": beta_report,
               "per_seed": {str(k): v for k, v in per_seed.items()},
               "models": {str(k): {kk: ([str(x) for x in v] if isinstance(v, list) else
                                        {str(a): str(b) for a, b in v.items()}) for kk, v in p.items()}
                          for k, p in paths.items()}}
+    plot_pareto(cfg, summary, per_seed, root / "pareto.png")  # n >= 3: one panel per pair of objectives
     (root / "results.json").write_text(json.dumps(result, indent=2))
     (root / "results.md").write_text(table + "\n")
-    plot_pareto(cfg, summary, per_seed, root / "pareto.png")
     result["table"] = table
     return result
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bonesoup.eval.experiment_methods import (COMPARISONS, LABELS, LiveModels, get_experiment_method,
-                                              preference_grid)
+                                              preference_from_key, preference_key, validation_preferences)
 from bonesoup.eval.experiment_models import _log
 
 __all__ = ["Evaluator", "tune", "evaluate_seed", "summarize", "format_table", "plot_pareto"]
@@ -82,11 +82,12 @@ class Evaluator:
 
 
 def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
-    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k`` and ``live.w``.
+    """What the methods' ``tunes`` name, picked on the validation slice; sets ``live.k``, ``.k_rewarded``, ``.w``.
 
-    ``"k"``: per objective i, the ``a_i`` of ``cfg.extrapolation_grid`` that maximises reward i at
-    ``mu = e_i`` (``k_i = 1 / (1 - a_i)``); ``"w_<kind>"``: the guidance strength of that grid that
-    maximises the hypervolume of three preference points.
+    ``"k"`` (backbones) and ``"k_rewarded"`` (experts): per objective i, the ``a_i`` of
+    ``cfg.extrapolation_grid`` that maximises reward i at ``mu = e_i`` (``k_i = 1 / (1 - a_i)``);
+    ``"w_<kind>"``: the guidance strength of that grid that maximises the hypervolume of the
+    :func:`~bonesoup.eval.experiment_methods.validation_preferences`.
     """
     from bonesoup.eval.metrics import hypervolume
     from bonesoup.merge.coefficients import per_objective_extrapolation
@@ -97,21 +98,28 @@ def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
         if m.tunes and m.tunes not in wanted:
             wanted[m.tunes] = m  # the first method that needs it decodes the candidates
     n = len(cfg.rewards)
-    out = {"a": [], "a_scores": [], "w": {}, "w_scores": {}}
-    if "k" in wanted:
+    out = {"a": [], "a_scores": [], "a_rewarded": [], "a_rewarded_scores": [], "w": {}, "w_scores": {}}
+    for tunes, which, key in (("k", "bone", "a"), ("k_rewarded", "rewarded", "a_rewarded")):
+        if tunes not in wanted:
+            continue
         for i in range(n):
             e = np.eye(n)[i]
             scores = []
             for a in cfg.extrapolation_grid:
                 k = np.ones(n)
                 k[i] = 1.0 / (1.0 - a)
-                live.set_extrapolated(*per_objective_extrapolation(e, k, beta=cfg.beta))  # at e_i only k_i matters
-                scores.append(float(val([live.bone_ext.model], [1.0], seed)[i]))
+                # at e_i only k_i matters
+                live.set_extrapolated(*per_objective_extrapolation(e, k, method=which, beta=cfg.beta), which=which)
+                scores.append(float(val([live.extrapolated_model(which)], [1.0], seed)[i]))
             best = int(np.argmax(scores))  # first maximum: the smallest a among ties
-            out["a"].append(float(cfg.extrapolation_grid[best]))
-            out["a_scores"].append(scores)
-        live.k = 1.0 / (1.0 - np.asarray(out["a"]))
-    prefs = preference_grid(3)
+            out[key].append(float(cfg.extrapolation_grid[best]))
+            out[f"{key}_scores"].append(scores)
+        factors = 1.0 / (1.0 - np.asarray(out[key]))
+        if which == "bone":
+            live.k = factors
+        else:
+            live.k_rewarded = factors
+    prefs = validation_preferences(n)
     for kind in ("implicit", "explicit"):
         if f"w_{kind}" not in wanted:
             continue
@@ -127,7 +135,11 @@ def tune(cfg, live: LiveModels, val: Evaluator, seed: int) -> dict:
 
 
 def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int, task) -> dict:
-    """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path."""
+    """Linear mode connectivity of the explicit value models: merged vs ensembled loss along the path.
+
+    The path runs from objective 0's value model to objective 1's (a 1-D path; at n >= 3 the other
+    weights stay 0: one edge of the simplex, reported as ``"path"``).
+    """
     from bonesoup.eval.metrics import lmc_barrier, merge_gap
     from bonesoup.train.value_training import ensemble_loss, load_value_model, sample_value_data, value_loss
 
@@ -137,17 +149,18 @@ def _lmc(cfg, live: LiveModels, values: list[Path], sft: Path, seed: int, task) 
     ts = np.linspace(0.0, 1.0, 5)
     merged, ens = [], []
     explicit = live.guides["explicit"]
+    n = len(cfg.rewards)
     for t in ts:
-        w = [1.0 - t, t]
+        w = [1.0 - t, t] + [0.0] * (n - 2)
         explicit.set_coefficients(w)
         merged.append(value_loss(explicit.model, data, w))
         ens.append(ensemble_loss(qs, w, data, w))
-    return {"t": ts.tolist(), "merged_mse": merged, "ensemble_mse": ens,
+    return {"path": "e0-e1", "t": ts.tolist(), "merged_mse": merged, "ensemble_mse": ens,
             "barrier": lmc_barrier(ts, merged)["barrier"], "gap": merge_gap(merged, ens)}
 
 
 def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool, task=None) -> dict:
-    """Tune, then evaluate every method of ``cfg`` at ``cfg.points`` preferences with sampling seed ``1000 + seed``."""
+    """Tune, then evaluate every method of ``cfg`` at ``cfg.preferences()`` with sampling seed ``1000 + seed``."""
     from bonesoup.train.ppo.checkpoint_training import load_policy
 
     task = task if task is not None else cfg.task_spec()
@@ -161,8 +174,8 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool, task=N
     t0 = time.perf_counter()
     tuned = tune(cfg, live, val, sample_seed)
     _log(f"seed {seed}: validation picked a = {tuned['a']}, w = {tuned['w']} ({time.perf_counter() - t0:.0f} s)")
-    prefs = preference_grid(cfg.points)
-    res = {"tuned": tuned, "points": {}}
+    prefs = cfg.preferences()
+    res = {"tuned": tuned, "points": {}, "forwards_per_token": {}}
     todo = [get_experiment_method(m) for m in cfg.methods()]
     todo = [m for m in todo if m.decode is not None]
     bar = None
@@ -178,16 +191,21 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool, task=N
             search = ChunkSearch(live.guides["explicit"].model, cfg.search_candidates, cfg.search_chunk_tokens)
         pts = []
         for mu in prefs:
-            pts.append(test(*live.decode_with(m, mu), sample_seed, search=search).tolist())
+            models, coeffs = live.decode_with(m, mu)
+            res["forwards_per_token"][m.name] = len(models)  # base + guides: one forward each per token
+            pts.append(test(models, coeffs, sample_seed, search=search).tolist())
             if bar is not None:
                 bar.update()
         res["points"][m.name] = pts
     if bar is not None:
         bar.close()
-    # MORLHF: the oracles where trained, the experts at the ends.
-    morlhf = {0.0: paths["experts"][1], 1.0: paths["experts"][0], **paths["morlhf"]}
-    res["morlhf"] = {str(m): test([load_policy(p, **where)[0]], [1.0], sample_seed).tolist()
-                     for m, p in sorted(morlhf.items())}
+    # MORLHF: the oracles where trained, the experts at the ends (the vertices).
+    n = len(cfg.rewards)
+    morlhf = {preference_key(np.eye(n)[i]): p for i, p in enumerate(paths["experts"])}
+    morlhf.update({preference_key(mu): p for mu, p in paths["morlhf"].items()})
+    res["morlhf"] = {k: test([load_policy(p, **where)[0]], [1.0], sample_seed).tolist()
+                     for k, p in sorted(morlhf.items())}
+    res["forwards_per_token"]["morlhf"] = 1
     res["sft"] = test([live.sft_model], [1.0], sample_seed).tolist()
     res["lmc"] = _lmc(cfg, live, paths["values"], sft, seed, task)
     return res
@@ -195,8 +213,9 @@ def evaluate_seed(cfg, sft: Path, paths: dict, seed: int, progress: bool, task=N
 
 def _method_points(r: dict, name: str, prefs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(points [P, n], preferences [P, n]) of one method in one seed's results."""
-    if get_experiment_method(name).decode is None:  # MORLHF: keyed by the trained mu_1
-        return np.asarray(list(r["morlhf"].values())), np.array([[float(k), 1 - float(k)] for k in r["morlhf"]])
+    if get_experiment_method(name).decode is None:  # MORLHF: keyed by the trained preference
+        n = prefs.shape[1]
+        return np.asarray(list(r["morlhf"].values())), np.array([preference_from_key(k, n) for k in r["morlhf"]])
     return np.asarray(r["points"][name]), prefs
 
 
@@ -238,7 +257,7 @@ def summarize(cfg, per_seed: dict) -> dict:
     from bonesoup.eval.stats import bootstrap_ci, paired_comparison, sample_std
 
     stat = dict(confidence=SUMMARY_CONFIDENCE, resamples=SUMMARY_RESAMPLES, seed=SUMMARY_SEED)
-    prefs = preference_grid(cfg.points)
+    prefs = cfg.preferences()
     ref, mode = _reference_point(cfg, per_seed)
     out = {"reference_point": ref.tolist(), "reference_point_mode": mode,
            "statistics": {**stat, "std": "sample (ddof 1)", "ci": "percentile bootstrap of the mean",
@@ -343,6 +362,8 @@ def plot_pareto(cfg, summary: dict, per_seed: dict, path: Path) -> Path:
             s = summary["methods"][name]
             pts = np.asarray(s["mean_points"])
             color, style = m.style
+            if n > 2:  # a projection of a simplex sweep: joining its points in grid order draws no curve
+                style = style.replace("-", "").replace(":", "")
             std = s["hv_std"]
             hv = f"HV {s['hv_mean']:.3f}" + ("" if np.isnan(std) else f" +- {std:.3f}")
             ax.plot(pts[:, i], pts[:, j], style, color=color, ms=5 if m.decode is not None else 11, lw=1.2,
@@ -354,7 +375,7 @@ def plot_pareto(cfg, summary: dict, per_seed: dict, path: Path) -> Path:
         ax.set_ylabel(f"{cfg.rewards[j]}")
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Preference sweep ({cfg.points} points, mean of {len(per_seed)} seed(s)); mu_1 = 1 at the "
+    fig.suptitle(f"Preference sweep ({len(cfg.preferences())} points, mean of {len(per_seed)} seed(s)); mu_1 = 1 at the "
                  f"{cfg.rewards[0]} end; reference point: {summary.get('reference_point_mode', 'union')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

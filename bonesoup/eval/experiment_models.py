@@ -51,13 +51,13 @@ class TrainedModels:
                        # How rollouts are drawn: a change of sampler is a new model.
                        "sampler": "guided_generate/derive_seed"}
 
-    def _ppo(self, name: str, weights) -> Path:
+    def _ppo(self, name: str, weights, steps: int | None = None) -> Path:
         from bonesoup.train.ppo.checkpoint_training import train_checkpoint
         from bonesoup.train.ppo.trainer import PPOConfig
 
         c = self.cfg
-        config = PPOConfig(steps=c.ppo_steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
-                           max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
+        config = PPOConfig(steps=c.ppo_steps if steps is None else steps, batch_size=c.ppo_batch_size, lr=c.ppo_lr,
+                           kl_coef=c.ppo_kl_coef, max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
                            generation_batch_size=c.rollout_batch_size, bf16=c.torch_dtype() == torch.bfloat16)
         ppo = dataclasses.asdict(config)
         # Rollout i is drawn with its own key at the batch's width, whatever the generate chunk: not a new model.
@@ -77,20 +77,26 @@ class TrainedModels:
         self.trained.append(out.name)
         return out
 
-    def backbones(self) -> list[Path]:
-        """Bone Soup's n backbones: PPO on the rows of ``backbone_matrix(n, beta)``."""
+    def backbones(self, beta: float | None = None, steps: int | None = None) -> list[Path]:
+        """Bone Soup's n backbones: PPO on the rows of ``backbone_matrix(n, beta)`` (default ``cfg.beta``) for
+        ``steps`` PPO steps (default ``cfg.ppo_steps``; the beta search trains a fraction)."""
         from bonesoup.merge.coefficients import backbone_matrix
 
-        B = backbone_matrix(self.n, self.cfg.beta)
-        return [self._ppo(f"backbone{j}-beta{self.cfg.beta:g}", B[j]) for j in range(self.n)]
+        beta = self.cfg.beta if beta is None else beta
+        B = backbone_matrix(self.n, beta)
+        tag = "" if steps is None else f"-steps{steps}"
+        return [self._ppo(f"backbone{j}-beta{beta:g}{tag}", B[j], steps) for j in range(self.n)]
 
     def experts(self) -> list[Path]:
         """One expert per reward (Rewarded Soup's and MOD's inputs, MAGE implicit's guides)."""
         return [self._ppo(f"expert{i}", np.eye(self.n)[i]) for i in range(self.n)]
 
-    def morlhf(self) -> dict[float, Path]:
-        """MORLHF oracles, PPO on ``mu . r`` at each configured mu_1 (n = 2)."""
-        return {m: self._ppo(f"morlhf{m:g}", [m, 1.0 - m]) for m in self.cfg.morlhf}
+    def morlhf(self) -> dict[tuple, Path]:
+        """MORLHF oracles, PPO on ``mu . r`` at :func:`~bonesoup.eval.experiment_methods.morlhf_preferences`."""
+        from bonesoup.eval.experiment_methods import morlhf_preferences
+
+        return {mu: self._ppo("morlhf" + "-".join(f"{x:.4g}" for x in mu) if self.n > 2 else f"morlhf{mu[0]:g}", mu)
+                for mu in morlhf_preferences(self.cfg.morlhf, self.n)}
 
     def values(self) -> list[Path]:
         """n explicit value models (token Q-functions of each reward under the SFT policy)."""
@@ -110,6 +116,6 @@ class TrainedModels:
         return outs
 
     def all(self) -> dict:
-        """``{"backbones": [...], "experts": [...], "morlhf": {mu_1: dir}, "values": [...]}``, trained as needed."""
+        """``{"backbones": [...], "experts": [...], "morlhf": {mu: dir}, "values": [...]}``, trained as needed."""
         return {"backbones": self.backbones(), "experts": self.experts(), "morlhf": self.morlhf(),
                 "values": self.values()}

@@ -59,14 +59,23 @@ def register_task(task: EmbeddedTask) -> EmbeddedTask:
 def _load_builtin() -> None:
     if "review" in _TASKS:
         return
-    from bonesoup.tasks import review
+    from bonesoup.tasks import register, review, review3
 
-    def build(out_dir: str | os.PathLike, *, progress: bool = False) -> Path:
-        return review.build_task_sft(out_dir, progress=progress)
+    def build(module):
+        def build_sft(out_dir: str | os.PathLike, *, progress: bool = False) -> Path:
+            return module.build_task_sft(out_dir, progress=progress)
 
-    register_task(EmbeddedTask("review", review.TASK_REWARDS, review.task_prompts, build,
+        return build_sft
+
+    register_task(EmbeddedTask("review", review.TASK_REWARDS, review.task_prompts, build(review),
                                review.TASK_MAX_NEW_TOKENS,
                                "short reviews; sentiment vs conciseness (one-sided conflict)"))
+    register_task(EmbeddedTask("register", register.TASK_REWARDS, register.task_prompts, build(register),
+                               register.TASK_MAX_NEW_TOKENS,
+                               "short reviews; formality vs casualness (two-sided conflict)"))
+    register_task(EmbeddedTask("review3", review3.TASK_REWARDS, review3.task_prompts, build(review3),
+                               review3.TASK_MAX_NEW_TOKENS,
+                               "short reviews; sentiment vs conciseness vs detail (three objectives)"))
 
 
 def get_task(name: str) -> EmbeddedTask:

@@ -22,16 +22,12 @@ evaluation (``task_prompts("test")``).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import time
 from pathlib import Path
-from typing import Sequence
 
-import torch
-
-from bonesoup.fingerprint import fingerprint
+from bonesoup.tasks.corpus_sft import OPENERS, SUBJECTS, adjective_list, build_corpus_sft, review_prompts
+from bonesoup.tasks.lexicons import DESCRIPTIVE_WORDS, NEGATIVE_WORDS, POSITIVE_WORDS
 
 __all__ = [
     "TASK_REWARDS",
@@ -51,35 +47,12 @@ TASK_MAX_NEW_TOKENS = 20
 #: Where the embedded SFT model goes by default (under the working directory, never the home).
 DEFAULT_TASK_DIR = Path("out") / "task"
 
-_SUBJECTS = (
-    "movie", "film", "book", "hotel", "room", "food", "meal", "coffee", "service", "staff", "concert", "show",
-    "trip", "park", "game", "class", "teacher", "phone", "car", "city", "beach", "museum", "song", "team",
-    "weather", "party", "holiday", "restaurant",
-)
-_OPENERS = (
-    "The {s} was", "I thought the {s} was", "Honestly, the {s} was", "Our {s} was", "This {s} is", "My {s} was",
-)
-_POSITIVE_WORDS = (
-    "good", "great", "nice", "lovely", "fun", "happy", "bright", "friendly", "perfect", "wonderful", "amazing",
-    "excellent", "beautiful", "calm", "clean", "cheerful", "pleasant", "relaxing", "charming", "delightful",
-)
-_NEGATIVE_WORDS = (
-    "bad", "awful", "boring", "sad", "terrible", "dull", "dirty", "noisy", "rude", "ugly", "horrible", "miserable",
-    "broken", "lazy", "gloomy", "disappointing", "stressful", "annoying", "painful",
-)
-_NEUTRAL_WORDS = ("long", "small", "old", "new", "quiet", "busy", "short", "big", "late", "early")
 _PHRASES = (
     "really good and I enjoyed it.", "great, and the people were friendly.", "wonderful and we loved every minute.",
     "bad and I hated it.", "awful, and the people were rude.", "terrible and we regretted every minute.",
     "about what we expected.", "in the centre of town, near the station.", "the same as last year, more or less.",
     "good but noisy.", "noisy but good.", "small, but it had everything we needed.",
 )
-
-
-def _adjective_list(rng: random.Random, words: Sequence[str], k: int) -> str:
-    """``"a."``, ``"a and b."``, ``"a, b and c."``, ... with k distinct words."""
-    w = rng.sample(words, k)
-    return (w[0] if k == 1 else ", ".join(w[:-1]) + " and " + w[-1]) + "."
 
 
 def task_corpus(seed: int = 0) -> list[str]:
@@ -94,12 +67,12 @@ def task_corpus(seed: int = 0) -> list[str]:
     """
     rng = random.Random(seed)
     out = []
-    for opener in _OPENERS:
-        for s in _SUBJECTS:
+    for opener in OPENERS:
+        for s in SUBJECTS:
             prompt = opener.format(s=s)
-            endings = [_adjective_list(rng, words, rng.randint(1, 4))
-                       for words in (_POSITIVE_WORDS, _POSITIVE_WORDS, _NEGATIVE_WORDS, _NEGATIVE_WORDS)]
-            endings.append(_adjective_list(rng, _NEUTRAL_WORDS, rng.randint(1, 2)) if rng.random() < 0.5
+            endings = [adjective_list(rng, words, rng.randint(1, 4))
+                       for words in (POSITIVE_WORDS, POSITIVE_WORDS, NEGATIVE_WORDS, NEGATIVE_WORDS)]
+            endings.append(adjective_list(rng, DESCRIPTIVE_WORDS, rng.randint(1, 2)) if rng.random() < 0.5
                            else rng.choice(_PHRASES))
             out.extend(f"{prompt} {e}" for e in endings)
     rng.shuffle(out)
@@ -110,17 +83,9 @@ def task_prompts(split: str = "train") -> list[str]:
     """Prompts of the task: ``"train"`` (126), ``"test"`` (42, held out) or ``"all"`` (168).
 
     The held-out quarter is fixed: every fourth (opener, subject) pair in a
-    deterministic shuffle. Prompts end without a trailing space; responses
-    start with one.
+    deterministic shuffle (:func:`bonesoup.tasks.corpus_sft.review_prompts`).
     """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    prompts = [o.format(s=s) for o in _OPENERS for s in _SUBJECTS]
-    random.Random(1234).shuffle(prompts)
-    if split == "all":
-        return prompts
-    test = prompts[::4]
-    return test if split == "test" else [p for i, p in enumerate(prompts) if i % 4]
+    return review_prompts(split)
 
 
 def make_task_tokenizer(vocab_size: int = 512):
@@ -149,59 +114,5 @@ def build_task_sft(out_dir: str | os.PathLike = DEFAULT_TASK_DIR / "sft", *, ste
 
     Returns the checkpoint directory (config, ``model.safetensors``, tokenizer).
     """
-    from transformers import GPT2LMHeadModel
-
-    from bonesoup.merge.checkpoint import atomic_output_dir
-    from bonesoup.tasks.tiny_models import tiny_gpt2_config
-
-    out_dir = Path(out_dir)
     args = dict(steps=steps, batch_size=batch_size, lr=lr, n_embd=n_embd, n_layer=n_layer, n_head=n_head, seed=seed)
-    fp = fingerprint({**args, "corpus": task_corpus(seed), "torch": torch.__version__})
-    marker = out_dir / "bonesoup-sft.json"
-    if not force and marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == fp:
-                return out_dir
-        except (OSError, ValueError):
-            pass
-    tokenizer = make_task_tokenizer()
-    config = tiny_gpt2_config(tokenizer, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=64)
-    corpus = task_corpus(seed)
-    ids = [tokenizer(s)["input_ids"] + [tokenizer.eos_token_id] for s in corpus]
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for i, row in enumerate(ids):  # right padding for teacher forcing; the loss skips pads
-        x[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    labels = x.masked_fill(mask == 0, -100)
-    t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
-        gen = torch.Generator().manual_seed(seed)
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="sft", unit="step")
-        for _ in it:
-            idx = torch.randint(len(ids), (batch_size,), generator=gen)
-            loss = model(input_ids=x[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-    model.eval()
-    with atomic_output_dir(out_dir, force=out_dir.exists()) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "bonesoup-sft.json").write_text(json.dumps(
-            {"fingerprint": fp, "args": args, "final_loss": loss.item(), "seconds": time.perf_counter() - t0,
-             "corpus_sentences": len(corpus)}, indent=2))
-    return out_dir
-
+    return build_corpus_sft(out_dir, task_corpus(seed), task_corpus(), **args, force=force, progress=progress)
