@@ -229,3 +229,36 @@ def test_preference_argument_errors(tmp_path):
         AdapterSoup(model, dirs, beta=BETA)
     with pytest.raises(ValueError, match="beta"):
         AdapterSoup(copy.deepcopy(base), dirs)
+
+
+def test_adapter_soup_refuses_reentry_on_its_own_thread_instead_of_hanging(tmp_path):
+    import threading
+
+    base = _gpt2()
+    dirs = _save_adapters(base, tmp_path, [2, 2])
+    model = copy.deepcopy(base)
+    soup = AdapterSoup(model, dirs, beta=BETA)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    errors = []
+
+    def nested():  # in a daemon thread: a hang fails the test below instead of stopping the run
+        with soup.rows(preference=[[0.5, 0.5], [0.2, 0.8]]):
+            for call in (lambda: guided_generate(model, [], [1.0], ids, max_new_tokens=1, preference=[0.3, 0.7]),
+                         lambda: soup.set_preference([0.3, 0.7])):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "a nested rows() / set_preference on the soup's own thread hangs"
+    assert len(errors) == 2 and all("rows() block" in e for e in errors), errors
+    # The refused set_preference changed nothing, the block ended cleanly (the shared coefficients are
+    # back), and the soup takes new ones.
+    assert soup.preference == [0.5, 0.5]
+    assert soup._coeffs.c.tolist() == pytest.approx(soup.coefficients([0.5, 0.5]).tolist(), abs=1e-7)
+    assert soup.set_preference([0.3, 0.7]) == pytest.approx(soup._coeffs.c.tolist(), abs=1e-7)
+    with soup.rows(preference=[[0.5, 0.5]]):
+        pass
