@@ -262,3 +262,23 @@ def test_adapter_soup_refuses_reentry_on_its_own_thread_instead_of_hanging(tmp_p
     assert soup.set_preference([0.3, 0.7]) == pytest.approx(soup._coeffs.c.tolist(), abs=1e-7)
     with soup.rows(preference=[[0.5, 0.5]]):
         pass
+
+
+def test_mixture_keeps_the_sources_exclude_modules(tmp_path):
+    import warnings
+
+    base = _gpt2()
+    excluded = "transformer.h.1.mlp.c_fc"
+    dirs = []
+    for j in range(2):
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], exclude_modules=[excluded],
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(copy.deepcopy(base), cfg)
+        model.save_pretrained(tmp_path / f"a{j}")
+        dirs.append(tmp_path / f"a{j}")
+    mixture_adapter(dirs, [0.6, -0.2], tmp_path / "mix")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert not hasattr(loaded.get_submodule(f"base_model.model.{excluded}"), "lora_A")
