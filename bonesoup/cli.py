@@ -7,6 +7,7 @@
     bonesoup extract-lora BACKBONE --sft SFT --rank 16 --out DIR   # a full fine-tune as a LoRA adapter
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
+    bonesoup serve --adapters A1 A2 --sft DIR --beta 0.7   # LoRA backbones: per-request preferences, one batch
 
 Errors in the user's input (bad arguments, malformed or hostile checkpoints,
 an existing output) print one line naming what was wrong, and the file, key
