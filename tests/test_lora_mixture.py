@@ -282,3 +282,20 @@ def test_mixture_keeps_the_sources_exclude_modules(tmp_path):
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     assert not hasattr(loaded.get_submodule(f"base_model.model.{excluded}"), "lora_A")
+
+
+@pytest.mark.gpu
+def test_adapter_soup_follows_the_model_to_cuda(tmp_path):
+    # A model moved after its soup was made: the coefficients go to each layer's device.
+    base = _gpt2()
+    dirs = _save_adapters(base, tmp_path, [2, 3])
+    model = copy.deepcopy(base)
+    soup = AdapterSoup(model, dirs, beta=BETA)
+    ids = torch.randint(1, 60, (2, 5))
+    prefs = [[0.2, 0.8], [0.9, 0.1]]
+    with torch.no_grad(), soup.rows(preference=prefs):
+        want = model(ids).logits
+    model.to("cuda")
+    with torch.no_grad(), soup.rows(preference=prefs):
+        got = model(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -84,7 +84,9 @@ class _MixtureLinear(nn.Module):
 
     def _refresh(self) -> tuple:
         """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
-        c = self._coeffs.c
+        # The layer's own device: the model may have been moved after the soup was made, or spread over
+        # several devices (device_map), while the coefficients live on the soup's device.
+        c = self._coeffs.c.to(self.block.device)
         cols = c[..., self.block].to(self.lora_B.dtype)
         if cols.dim() == 2:  # per row: h is scaled, B^T stays as stored
             cached = (self._coeffs.version, cols, self.lora_B.t())
