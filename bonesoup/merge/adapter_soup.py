@@ -44,7 +44,8 @@ def adapter_soup_of(model) -> "AdapterSoup | None":
 
 
 class _Coefficients:
-    """The coefficients the wrapped layers read: shared [n] or per-row [B, n] (fp32, on the model's device)."""
+    """The coefficients the wrapped layers read: shared [n] or per-row [B, n] fp32, on the soup's device
+    (its model's first parameter's; each layer copies them to its own device once per change)."""
 
     def __init__(self, c: torch.Tensor):
         self.c = c
