@@ -84,7 +84,7 @@ class _MixtureLinear(nn.Module):
             "transformers") else "linear" if type(base) is nn.Linear else None
 
     def _refresh(self) -> tuple:
-        """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
+        """(version, per-row col(c) [B, R] or None, B^T [R, out] with shared col(c) folded in)."""
         # The layer's own device: the model may have been moved after the soup was made, or spread over
         # several devices (device_map), while the coefficients live on the soup's device.
         c = self._coeffs.c.to(self.block.device)
