@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -77,6 +78,13 @@ def run_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
     }
+
+
+def write_json(path, result: dict) -> None:
+    """Write a benchmark's result as JSON to ``path`` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 class CopyBandwidth:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -54,7 +53,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import run_info  # noqa: E402
+from bench_merge import run_info, write_json  # noqa: E402
 
 from bonesoup import merge_coefficients  # noqa: E402
 from bonesoup.merge.adapter_soup import AdapterSoup  # noqa: E402
@@ -249,9 +248,7 @@ def main(argv=None) -> int:
               "prefill": [args.prefill_batch, args.prefill_tokens], "decode": [args.decode_batch, args.decode_context],
               "load_avg": os.getloadavg(), "rows": rows}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 

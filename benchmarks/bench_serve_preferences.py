@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import run_info  # noqa: E402
+from bench_merge import run_info, write_json  # noqa: E402
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -233,9 +233,7 @@ def main(argv=None) -> int:
               "speedup_over": ratio, "cpu_speedup_over": cpu_ratio, "text_mismatches": mismatches,
               "texts_compared": compared, "batch_wait_s": apps["mixture"].state.engine.batch_wait_s}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 

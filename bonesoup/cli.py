@@ -7,6 +7,7 @@
     bonesoup extract-lora BACKBONE --sft SFT --rank 16 --out DIR   # a full fine-tune as a LoRA adapter
     bonesoup bench merge --quick
     bonesoup serve            # OpenAI-compatible completions over a LiveSoup (embedded default)
+    bonesoup serve --adapters A1 A2 --sft DIR --beta 0.7   # LoRA backbones: per-request preferences, one batch
 
 Errors in the user's input (bad arguments, malformed or hostile checkpoints,
 an existing output) print one line naming what was wrong, and the file, key
@@ -96,14 +97,8 @@ def _cmd_merge(args) -> int:
     if args.as_adapter:
         raise ValueError("--as-adapter needs adapter directories (with adapter_config.json); "
                          f"{args.backbones[0]} is a full checkpoint")
-    if args.out is None:
-        raise ValueError("--out is required when backbone directories are given")
-    if args.preference is None:
-        raise ValueError("--preference is required (one weight per backbone, summing to 1)")
-    if get_merge_method(args.method).needs_beta and args.beta is None:
-        raise ValueError(f"--beta is required for --method {args.method}")
-    kwargs = dict(preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, sft=args.sft,
-                  method=args.method, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    kwargs = dict(_preference_merge_args(args, "backbone directories"), sft=args.sft, dtype=args.dtype,
+                  progress=not args.no_progress)
     if _is_cpu(args.device):
         from bonesoup.merge import cpu_merge
 
@@ -116,20 +111,25 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-def _merge_adapters(args) -> int:
-    """Adapter backbones: the full checkpoint W_sft + sum_j c_j D_j, or (--as-adapter) the mixture adapter."""
-    from bonesoup.merge import adapter_merge
-
+def _preference_merge_args(args, inputs: str) -> dict:
+    """The flags every preference merge needs, checked: --out, --preference, --beta (when the method needs it)."""
     if args.out is None:
-        raise ValueError("--out is required when adapter directories are given")
+        raise ValueError(f"--out is required when {inputs} are given")
     if args.preference is None:
         raise ValueError("--preference is required (one weight per backbone, summing to 1)")
     if get_merge_method(args.method).needs_beta and args.beta is None:
         raise ValueError(f"--beta is required for --method {args.method}")
+    return dict(preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, method=args.method,
+                force=args.force)
+
+
+def _merge_adapters(args) -> int:
+    """Adapter backbones: the full checkpoint W_sft + sum_j c_j D_j, or (--as-adapter) the mixture adapter."""
+    from bonesoup.merge import adapter_merge
+
+    kwargs = _preference_merge_args(args, "adapter directories")
     if not _is_cpu(args.device):
         raise ValueError(f"adapter merges run on the CPU; --device {args.device} is not supported with them")
-    kwargs = dict(preference=args.preference, beta=args.beta, alpha=args.alpha or 0.0, method=args.method,
-                  force=args.force)
     if args.as_adapter:
         if args.dtype is not None:
             raise ValueError("--dtype sets a checkpoint's dtype; --as-adapter keeps the adapters' dtype")

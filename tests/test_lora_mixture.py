@@ -229,3 +229,73 @@ def test_preference_argument_errors(tmp_path):
         AdapterSoup(model, dirs, beta=BETA)
     with pytest.raises(ValueError, match="beta"):
         AdapterSoup(copy.deepcopy(base), dirs)
+
+
+def test_adapter_soup_refuses_reentry_on_its_own_thread_instead_of_hanging(tmp_path):
+    import threading
+
+    base = _gpt2()
+    dirs = _save_adapters(base, tmp_path, [2, 2])
+    model = copy.deepcopy(base)
+    soup = AdapterSoup(model, dirs, beta=BETA)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    errors = []
+
+    def nested():  # in a daemon thread: a hang fails the test below instead of stopping the run
+        with soup.rows(preference=[[0.5, 0.5], [0.2, 0.8]]):
+            for call in (lambda: guided_generate(model, [], [1.0], ids, max_new_tokens=1, preference=[0.3, 0.7]),
+                         lambda: soup.set_preference([0.3, 0.7])):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "a nested rows() / set_preference on the soup's own thread hangs"
+    assert len(errors) == 2 and all("rows() block" in e for e in errors), errors
+    # The refused set_preference changed nothing, the block ended cleanly (the shared coefficients are
+    # back), and the soup takes new ones.
+    assert soup.preference == [0.5, 0.5]
+    assert soup._coeffs.c.tolist() == pytest.approx(soup.coefficients([0.5, 0.5]).tolist(), abs=1e-7)
+    assert soup.set_preference([0.3, 0.7]) == pytest.approx(soup._coeffs.c.tolist(), abs=1e-7)
+    with soup.rows(preference=[[0.5, 0.5]]):
+        pass
+
+
+def test_mixture_keeps_the_sources_exclude_modules(tmp_path):
+    import warnings
+
+    base = _gpt2()
+    excluded = "transformer.h.1.mlp.c_fc"
+    dirs = []
+    for j in range(2):
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], exclude_modules=[excluded],
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(copy.deepcopy(base), cfg)
+        model.save_pretrained(tmp_path / f"a{j}")
+        dirs.append(tmp_path / f"a{j}")
+    mixture_adapter(dirs, [0.6, -0.2], tmp_path / "mix")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert not hasattr(loaded.get_submodule(f"base_model.model.{excluded}"), "lora_A")
+
+
+@pytest.mark.gpu
+def test_adapter_soup_follows_the_model_to_cuda(tmp_path):
+    # A model moved after its soup was made: the coefficients go to each layer's device.
+    base = _gpt2()
+    dirs = _save_adapters(base, tmp_path, [2, 3])
+    model = copy.deepcopy(base)
+    soup = AdapterSoup(model, dirs, beta=BETA)
+    ids = torch.randint(1, 60, (2, 5))
+    prefs = [[0.2, 0.8], [0.9, 0.1]]
+    with torch.no_grad(), soup.rows(preference=prefs):
+        want = model(ids).logits
+    model.to("cuda")
+    with torch.no_grad(), soup.rows(preference=prefs):
+        got = model(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -366,3 +366,19 @@ def test_bench_serve_load_quick(tmp_path, capsys, load_benchmark):
     assert r["verified"] and r["text_mismatches"] == 0 and r["inconsistent_versions"] == 0
     assert r["remerge"]["count"] >= 1 and r["latency"]["completion"]["p99_ms"] > 0
     assert "re-merge (server, set_preference)" in capsys.readouterr().out
+
+
+def test_stop_strings_cut_at_the_earliest_occurrence(server, tiny):
+    # OpenAI's `stop`: the text ends before the first stop sequence to appear, whatever its place in the
+    # list; a later-listed one that starts earlier (and overlaps the other) still wins.
+    srv, _, _ = server
+    c = Client(srv)
+    target = TARGETS[3]
+    text = next(t for t in (tiny.greedy[target][p] for p in PROMPTS) if len(t) >= 4 and t[0:2] != t[1:3])
+    prompt = next(p for p in PROMPTS if tiny.greedy[target][p] == text)
+    stops = [text[2:4], text[1:3]]
+    want = text[:min(text.find(s) for s in stops)]
+    status, body, _ = _complete(c, prompt, target, stop=stops)
+    assert status == 200, body
+    assert body["choices"][0]["text"] == want and body["choices"][0]["finish_reason"] == "stop"
+    c.close()

@@ -297,3 +297,27 @@ def test_cli_adapters_and_embedded_lora_default(tmp_path, lora):
                                            "--beta", "0.7", "--device", "cpu"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--adapters", "a", "--backbones", "b"])
+
+
+def test_cli_backbones_of_adapter_dirs_serve_as_adapters(lora, monkeypatch):
+    # As `bonesoup merge` and --engine vllm: adapter directories are told apart by adapter_config.json.
+    parser = argparse.ArgumentParser(prog="bonesoup")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", "--backbones", *map(str, lora.adapters), "--sft", str(lora.sft), "--beta",
+                              "0.7", "--device", "cpu"])
+    app, soup, _ = build_from_args(args)
+    assert isinstance(soup, AdapterSoup) and app.state.engine.adapters
+    assert args.backbones == list(lora.adapters)  # the caller's namespace is not changed
+    with pytest.raises(ValueError, match="mixes LoRA adapter directories"):
+        build_from_args(parser.parse_args(["serve", "--backbones", str(lora.adapters[0]), str(lora.sft), "--sft",
+                                           str(lora.sft), "--beta", "0.7", "--device", "cpu"]))
+    # --engine vllm reads --backbones: --adapters reaches it there (not the embedded default), --lora-rank is refused.
+    import bonesoup.serve.vllm_engine as vllm_engine
+
+    seen = []
+    monkeypatch.setattr(vllm_engine, "build_vllm_app", lambda a: seen.append(a.backbones) or "app")
+    assert build_from_args(parser.parse_args(["serve", "--engine", "vllm", "--adapters", *map(str, lora.adapters),
+                                              "--sft", str(lora.sft), "--beta", "0.7"])) == "app"
+    assert seen == [list(lora.adapters)]
+    with pytest.raises(ValueError, match="--lora-rank"):
+        build_from_args(parser.parse_args(["serve", "--engine", "vllm", "--lora-rank", "4"]))

@@ -44,7 +44,8 @@ def adapter_soup_of(model) -> "AdapterSoup | None":
 
 
 class _Coefficients:
-    """The coefficients the wrapped layers read: shared [n] or per-row [B, n] (fp32, on the model's device)."""
+    """The coefficients the wrapped layers read: shared [n] or per-row [B, n] fp32, on the soup's device
+    (its model's first parameter's; each layer copies them to its own device once per change)."""
 
     def __init__(self, c: torch.Tensor):
         self.c = c
@@ -83,8 +84,10 @@ class _MixtureLinear(nn.Module):
             "transformers") else "linear" if type(base) is nn.Linear else None
 
     def _refresh(self) -> tuple:
-        """(version, per-row col(c) [B, 1, R] or None, B^T [R, out] with shared col(c) folded in)."""
-        c = self._coeffs.c
+        """(version, per-row col(c) [B, R] or None, B^T [R, out] with shared col(c) folded in)."""
+        # The layer's own device: the model may have been moved after the soup was made, or spread over
+        # several devices (device_map), while the coefficients live on the soup's device.
+        c = self._coeffs.c.to(self.block.device)
         cols = c[..., self.block].to(self.lora_B.dtype)
         if cols.dim() == 2:  # per row: h is scaled, B^T stays as stored
             cached = (self._coeffs.version, cols, self.lora_B.t())
@@ -169,6 +172,7 @@ class AdapterSoup:
         self.beta = beta
         self.model = model
         self._lock = threading.Lock()
+        self._rows_thread: int | None = None  # the thread inside rows(), to refuse re-entry instead of hanging
         try:
             param = next(model.parameters())
         except StopIteration:
@@ -235,9 +239,16 @@ class AdapterSoup:
             rows.append(self.coefficients(prefs[b], float(alphas[b])))
         return torch.tensor(np.stack(rows), dtype=torch.float32)
 
+    def _refuse_reentry(self, what: str) -> None:
+        # The lock is not re-entrant: on the thread that holds it, waiting would never end.
+        if self._rows_thread == threading.get_ident():
+            raise RuntimeError(f"{what} inside this soup's own rows() block (on the same thread) would wait forever "
+                               "for it to end; pass every per-row preference to one rows() / guided_generate call")
+
     def set_preference(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
         """The shared preference (rows without their own): no weight is written. Returns the coefficients."""
         c = self.coefficients(preference, alpha)
+        self._refuse_reentry("set_preference")
         with self._lock:
             self._coeffs.set(torch.tensor(c, dtype=torch.float32, device=self.device))
             self.preference, self.alpha = [float(x) for x in preference], float(alpha)
@@ -249,6 +260,7 @@ class AdapterSoup:
         c = torch.as_tensor([float(x) for x in coefficients], dtype=torch.float32)
         if c.shape != (self.n,) or not torch.isfinite(c).all():
             raise ValueError(f"coefficients must hold {self.n} finite numbers, got {coefficients!r}")
+        self._refuse_reentry("set_coefficients")
         with self._lock:
             self._coeffs.set(c.to(self.device))
             self.preference, self.alpha = [], float("nan")
@@ -261,7 +273,9 @@ class AdapterSoup:
         Give ``preference`` [B, n] (and ``alpha``, a number or [B]) or raw
         ``coefficients`` [B, n]. Every forward inside must have B rows.
         Yields the [B, n] coefficients. One block at a time per soup (a lock):
-        the soup's state belongs to the forward that runs.
+        the soup's state belongs to the forward that runs; other threads wait,
+        while re-entry on the same thread (a nested ``rows()``, ``set_preference``)
+        raises RuntimeError instead of waiting forever.
         """
         if (preference is None) == (coefficients is None):
             raise ValueError("rows() takes preference or coefficients, exactly one")
@@ -271,12 +285,15 @@ class AdapterSoup:
                 raise ValueError(f"coefficients must be a finite [B, {self.n}] array, got shape {tuple(c.shape)}")
         else:
             c = self.row_coefficients(preference, alpha)
+        self._refuse_reentry("rows()")
         with self._lock:
             shared = self._coeffs.c
             self._coeffs.set(c.to(self.device))
+            self._rows_thread = threading.get_ident()
             try:
                 yield c
             finally:
+                self._rows_thread = None
                 self._coeffs.set(shared)
 
     # ------------------------------------------------------------------ lifecycle

@@ -5,7 +5,7 @@ A full-FT backbone cannot join an :class:`~bonesoup.merge.adapter_soup.AdapterSo
 approximately. For each linear layer (``nn.Linear``, transformers' ``Conv1D``;
 decided from the model's modules, built from its config on the meta device)
 
-    D = W_backbone - W_sft   [out, in],   D ~ D_r = U_r S_r V_r^T   (the best rank-r approximation),
+    D = W_backbone - W_sft   [out, in] (Conv1D's [in, out] transposed),   D ~ D_r = U_r S_r V_r^T   (best rank r),
     B = U_r sqrt(S_r)   [out, r],   A = sqrt(S_r) V_r^T   [r, in],   scaling 1 (lora_alpha = r),
 
 written as a peft adapter (:meth:`~bonesoup.merge.lora.LoraAdapter.save`), base

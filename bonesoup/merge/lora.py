@@ -358,7 +358,9 @@ def mixture_adapter(adapters: Sequence, coeffs, out_dir: str | os.PathLike | Non
         "bias": "none",
         "inference_mode": True,
     }
-    for key in ("layers_to_transform", "layers_pattern"):
+    # The sources' selection rule is kept whole: without its exclusions, peft would wrap modules the mixture
+    # has no weights for (and warn of missing keys).
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
         if first.config.get(key) is not None:
             config[key] = first.config[key]
     out = LoraAdapter(config, modules, provenance={"coefficients": c, "sources": [a.name for a in adapters]})

@@ -247,18 +247,32 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_from_args(args):
     """``(app, soup, api_key)`` from parsed ``serve`` arguments; raises ValueError on bad arguments."""
-    if getattr(args, "engine", "hf") == "vllm":
-        from bonesoup.serve.vllm_engine import build_vllm_app
-
-        return build_vllm_app(args)
-    from bonesoup.serve.app import create_app
+    from bonesoup.merge.adapter_merge import is_adapter_dir
 
     adapters = getattr(args, "adapters", None)
     lora_rank = getattr(args, "lora_rank", None)
-    if args.backbones or adapters:
+    full = args.backbones
+    if full and any(is_adapter_dir(b) for b in full):
+        # Adapter directories are told apart by their adapter_config.json, as `bonesoup merge` and
+        # --engine vllm do: --backbones A1 A2 means --adapters A1 A2.
+        if not all(is_adapter_dir(b) for b in full):
+            raise ValueError("--backbones mixes LoRA adapter directories (with adapter_config.json) and full "
+                             "checkpoints; give all of one kind")
+        adapters, full = full, None
+    if getattr(args, "engine", "hf") == "vllm":
+        from bonesoup.serve.vllm_engine import build_vllm_app
+
+        if lora_rank is not None:
+            raise ValueError("--lora-rank makes the hf engine's embedded default; --engine vllm's embedded default "
+                             "has its own tiny Qwen2 adapters (or give --backbones / --adapters)")
+        # The vLLM engine reads --backbones and tells adapters apart itself.
+        return build_vllm_app(argparse.Namespace(**{**vars(args), "backbones": adapters or full}))
+    from bonesoup.serve.app import create_app
+
+    if full or adapters:
         if get_merge_method(args.method).needs_beta and args.beta is None:
             raise ValueError(f"--beta is required for --method {args.method}")
-        backbones, sft, beta, model_dir = args.backbones or adapters, args.sft, args.beta, args.model_dir
+        backbones, sft, beta, model_dir = full or adapters, args.sft, args.beta, args.model_dir
         if adapters and model_dir is not None:
             raise ValueError("--model-dir applies to --backbones; with --adapters the model is --sft")
         for d in [*backbones, *([sft] if sft else []), *([model_dir] if model_dir else [])]:

@@ -67,11 +67,30 @@ from bonesoup.merge.live import RemergeInfo
 from bonesoup.serve.metrics import Metrics
 from bonesoup.serve.protocol import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, RequestError, bad_field
 
-__all__ = ["CURRENT", "Engine"]
+__all__ = ["CURRENT", "Engine", "completion_text"]
 
 log = logging.getLogger(__name__)
 
 CURRENT = object()  #: target of a request that omitted its preference: whatever is current
+
+
+def completion_text(tokenizer, tokenizer_lock, tokens: Sequence[int], stop_ids, stops: Sequence[str],
+                    reason: str = "length") -> tuple[str, str, int]:
+    """A completion's ``(text, finish_reason, completion tokens)``, as every engine reports it.
+
+    A final stop token is dropped (it ends the completion, it is not text); the text is then cut
+    at the earliest occurrence of any of ``stops`` (OpenAI's ``stop``: the first one to appear,
+    whatever its place in the list). ``reason`` is the decoder's own ("length" unless it stopped).
+    """
+    toks = list(tokens)
+    if toks and toks[-1] in stop_ids:
+        toks, reason = toks[:-1], "stop"
+    with tokenizer_lock:
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        text, reason = text[:min(cuts)], "stop"
+    return text, ("stop" if reason == "stop" else "length"), len(toks)
 
 
 @dataclass
@@ -448,17 +467,8 @@ class Engine:
             if bad and n < r.max_tokens:  # within this row's own max_tokens: its request fails
                 r.error = self._invalid_row_error(r, n)
                 continue
-            toks = toks[: min(n, r.max_tokens)]
-            reason = "length"
-            if toks and toks[-1] in self.stop_ids:
-                toks, reason = toks[:-1], "stop"
-            with self.tokenizer_lock:
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            for s in r.stop:
-                cut = text.find(s)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-            r.result = (text, reason, len(toks))
+            r.result = completion_text(self.tokenizer, self.tokenizer_lock, toks[: min(n, r.max_tokens)],
+                                       self.stop_ids, r.stop)
             self.metrics.count_tokens(len(r.ids), r.result[2])
 
     def _invalid_row_error(self, row: _Row, step: int) -> RequestError:
