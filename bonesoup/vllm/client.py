@@ -105,6 +105,40 @@ class _Preferences:
         return [float(x) for x in c] + [float(c_sft)]
 
 
+class _Served:
+    """What both clients share: the preference -> coefficients map and the served weights' state."""
+
+    def __init__(self, prefs: _Preferences, sft_dir: str, backbones: list[str]):
+        self._prefs, self.sft_dir, self.backbones = prefs, sft_dir, backbones
+        self.version = 0
+        self.preference: list[float] | None = None
+        self.alpha = 0.0
+        self._coefficients = [0.0] * len(backbones) + [1.0]  # version 0: the SFT model as loaded
+
+    @property
+    def n(self) -> int:
+        """Number of backbones (objectives)."""
+        return self._prefs.n
+
+    @property
+    def method(self) -> str:
+        return self._prefs.method
+
+    @property
+    def beta(self) -> float | None:
+        return self._prefs.beta
+
+    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
+        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
+        return self._prefs.coefficients(preference, alpha)
+
+    def _served(self, coeffs, preference, alpha: float) -> None:
+        """Record what the live weights now are (after every rank switched and the version was tagged)."""
+        self._coefficients = [float(x) for x in coeffs]
+        self.preference = None if preference is None else [float(x) for x in preference]
+        self.alpha = float(alpha)
+
+
 def _report(results: list[dict], version: int, coeffs: list[float], preference, alpha: float, t0: float) -> dict:
     return {"version": version, "merge_s": max(r["merge_s"] for r in results),
             "publish_s": max(r["publish_s"] for r in results), "seconds": time.perf_counter() - t0,
@@ -138,7 +172,7 @@ def _tag(out, version: int):
     return out
 
 
-class SoupLLM:
+class SoupLLM(_Served):
     """vLLM's offline ``LLM`` serving a Bone Soup merge that re-merges in place.
 
     Parameters
@@ -172,32 +206,11 @@ class SoupLLM:
 
         kwargs = soup_engine_kwargs(sft_dir, backbones, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                     **llm_kwargs)
-        self._prefs = _Preferences(len(backbones), method, beta)
-        self.sft_dir, self.backbones = kwargs["model"], list(kwargs["model_loader_extra_config"][BACKBONES_KEY])
+        super().__init__(_Preferences(len(backbones), method, beta), kwargs["model"],
+                         list(kwargs["model_loader_extra_config"][BACKBONES_KEY]))
         self.llm = LLM(**kwargs)
-        self.version = 0
-        self.preference: list[float] | None = None
-        self.alpha = 0.0
-        self._coefficients = [0.0] * len(self.backbones) + [1.0]  # version 0: the SFT model as loaded
         self._lock = threading.Lock()
         self.llm.llm_engine.set_weight_version("0")
-
-    @property
-    def n(self) -> int:
-        """Number of backbones (objectives)."""
-        return self._prefs.n
-
-    @property
-    def method(self) -> str:
-        return self._prefs.method
-
-    @property
-    def beta(self) -> float | None:
-        return self._prefs.beta
-
-    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
-        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
-        return self._prefs.coefficients(preference, alpha)
 
     def set_preference(self, preference: Sequence[float], alpha: float = 0.0) -> dict:
         """Re-merge every rank in place for ``preference`` [n] (on the simplex) and ``alpha``.
@@ -232,9 +245,7 @@ class SoupLLM:
                 raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
             self.version += 1
             self.llm.llm_engine.set_weight_version(str(self.version))
-            self._coefficients = [float(x) for x in coeffs]
-            self.preference = None if preference is None else [float(x) for x in preference]
-            self.alpha = float(alpha)
+            self._served(coeffs, preference, alpha)
             return _report(results, self.version, self._coefficients, preference, alpha, t0)
 
     def generate(self, prompts, sampling_params=None, lora_request=None, **kwargs) -> list:
@@ -283,7 +294,7 @@ class _Gate:
                 self._cond.notify_all()
 
 
-class AsyncSoup:
+class AsyncSoup(_Served):
     """vLLM's ``AsyncLLM`` serving a Bone Soup merge; preference changes pause, re-merge and resume.
 
     Create with ``await AsyncSoup.create(sft_dir, backbones, beta=..., ...)``
@@ -292,11 +303,8 @@ class AsyncSoup:
     """
 
     def __init__(self, engine, prefs: _Preferences, sft_dir: str, backbones: list[str]):
-        self.engine, self._prefs, self.sft_dir, self.backbones = engine, prefs, sft_dir, backbones
-        self.version = 0
-        self.preference: list[float] | None = None
-        self.alpha = 0.0
-        self._coefficients = [0.0] * len(backbones) + [1.0]  # version 0: the SFT model as loaded
+        super().__init__(prefs, sft_dir, backbones)
+        self.engine = engine
         self._gate = _Gate()
 
     @classmethod
@@ -315,23 +323,6 @@ class AsyncSoup:
             engine.shutdown()
             raise
         return cls(engine, prefs, kwargs["model"], list(kwargs["model_loader_extra_config"][BACKBONES_KEY]))
-
-    @property
-    def n(self) -> int:
-        """Number of backbones (objectives)."""
-        return self._prefs.n
-
-    @property
-    def method(self) -> str:
-        return self._prefs.method
-
-    @property
-    def beta(self) -> float | None:
-        return self._prefs.beta
-
-    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
-        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
-        return self._prefs.coefficients(preference, alpha)
 
     async def set_preference(self, preference: Sequence[float], alpha: float = 0.0) -> dict:
         """Pause (in-flight requests finish on the old weights), re-merge, reset the prefix cache, tag, resume.
@@ -362,9 +353,7 @@ class AsyncSoup:
                 await self.engine.reset_prefix_cache()
                 self.version += 1
                 await self.engine.update_weight_version(str(self.version))
-                self._coefficients = [float(x) for x in coeffs]
-                self.preference = None if preference is None else [float(x) for x in preference]
-                self.alpha = float(alpha)
+                self._served(coeffs, preference, alpha)
                 info = _report(results, self.version, self._coefficients, preference, alpha, t0)
             finally:
                 await self.engine.resume_generation()
