@@ -161,6 +161,15 @@ def _rpc_error(failed: list[dict]) -> Exception:
     return cls(f"re-merge failed, the previous weights are still served ({msgs})")
 
 
+def _check_rollback(results: list[dict]) -> None:
+    """Raise if putting the ranks back on the served weights failed too (the weights are then undefined)."""
+    failed, _ = _failures(results)
+    if failed:
+        msgs = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
+        raise RuntimeError(f"re-merge failed and restoring the served weights failed too ({msgs}): the ranks' "
+                           "weights are undefined; restart the engine")
+
+
 def _tag(out, version: int):
     """Set ``out.weights_version``; check vLLM's spans on a finished output agree."""
     for comp in getattr(out, "outputs", None) or ():
@@ -239,12 +248,17 @@ class SoupLLM(_Served):
             failed, partial = _failures(results)
             if failed:
                 if partial:  # the others switched: put them back on the served weights
-                    self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version))
+                    _check_rollback(self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version)))
                 raise _rpc_error(failed)
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
+            try:
+                if not self.llm.reset_prefix_cache():
+                    raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
+                self.llm.llm_engine.set_weight_version(str(self.version + 1))
+            except BaseException:  # every rank switched but the change is not complete: put them back
+                _check_rollback(self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                self.llm.llm_engine.set_weight_version(str(self.version))
+                raise
             self.version += 1
-            self.llm.llm_engine.set_weight_version(str(self.version))
             self._served(coeffs, preference, alpha)
             return _report(results, self.version, self._coefficients, preference, alpha, t0)
 
@@ -285,7 +299,12 @@ class _Gate:
         async with self._cond:
             await self._cond.wait_for(lambda: not self._changing)
             self._changing = True  # from here new requests wait
-            await self._cond.wait_for(lambda: self._inflight == 0)
+            try:
+                await self._cond.wait_for(lambda: self._inflight == 0)
+            except BaseException:  # cancelled while draining: open the gate again, or every request waits forever
+                self._changing = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -340,25 +359,48 @@ class AsyncSoup(_Served):
     async def _apply(self, coeffs: list, preference, alpha: float) -> dict:
         t_wait = time.perf_counter()
         async with self._gate.change():
-            # Also drains requests sent to self.engine directly, around our gate.
-            await self.engine.pause_generation(mode="wait", clear_cache=True)
-            try:
-                t0 = time.perf_counter()
-                results = await self.engine.collective_rpc(_RPC, args=(coeffs, self.version + 1))
-                failed, partial = _failures(results)
-                if failed:
-                    if partial:  # the others switched: put them back on the served weights
-                        await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version))
-                    raise _rpc_error(failed)
-                await self.engine.reset_prefix_cache()
-                self.version += 1
-                await self.engine.update_weight_version(str(self.version))
-                self._served(coeffs, preference, alpha)
-                info = _report(results, self.version, self._coefficients, preference, alpha, t0)
-            finally:
-                await self.engine.resume_generation()
+            # Once the RPC is sent the workers merge whatever the caller does; a cancelled
+            # call waits for the switch to end (weights, version and tags agree), then re-raises.
+            switch = asyncio.ensure_future(self._switch(coeffs, preference, alpha))
+            cancelled = False
+            while not switch.done():
+                try:
+                    await asyncio.shield(switch)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except BaseException:
+                    break  # the switch's own failure: raised below
+            if cancelled:
+                if not switch.cancelled():
+                    switch.exception()  # retrieved: the caller sees the cancellation
+                raise asyncio.CancelledError
+            info, t0 = switch.result()
         info["pause_s"] = t0 - t_wait
         return info
+
+    async def _switch(self, coeffs: list, preference, alpha: float) -> tuple[dict, float]:
+        # Also drains requests sent to self.engine directly, around our gate.
+        await self.engine.pause_generation(mode="wait", clear_cache=True)
+        try:
+            t0 = time.perf_counter()
+            results = await self.engine.collective_rpc(_RPC, args=(coeffs, self.version + 1))
+            failed, partial = _failures(results)
+            if failed:
+                if partial:  # the others switched: put them back on the served weights
+                    _check_rollback(await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                raise _rpc_error(failed)
+            try:
+                await self.engine.reset_prefix_cache()
+                await self.engine.update_weight_version(str(self.version + 1))
+            except BaseException:  # every rank switched but the change is not complete: put them back
+                _check_rollback(await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                await self.engine.update_weight_version(str(self.version))
+                raise
+            self.version += 1
+            self._served(coeffs, preference, alpha)
+            return _report(results, self.version, self._coefficients, preference, alpha, t0), t0
+        finally:
+            await self.engine.resume_generation()
 
     async def generate(self, prompt, sampling_params, request_id: str, lora_request=None,
                        **kwargs: Any) -> AsyncIterator:
