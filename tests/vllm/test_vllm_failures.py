@@ -8,6 +8,7 @@ engine core whatever happens to the caller (``asyncio.shield``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 
@@ -211,3 +212,52 @@ def test_a_cancelled_acquisition_leaves_no_slot_pinned(lora, tmp_path):
     engine, a, b, c = asyncio.run(run())
     assert engine.removed == [a.id, b.id]  # the abandoned acquisition's eviction is removed too
     assert cache.cached() == [c] and c.refs == 0 and not a.path.exists() and not b.path.exists()
+
+
+class HangingBackend:
+    """AsyncSoup's interface; every request decodes forever (vLLM gone, say)."""
+
+    engine = type("E", (), {"model_config": type("C", (), {"max_model_len": 64})()})()
+
+    def coefficients(self, preference, alpha=0.0):
+        return [*preference, 0.0]
+
+    async def set_preference(self, preference, alpha=0.0):
+        return {"version": 1, "preference": list(preference), "alpha": alpha, "coefficients": [*preference, 0.0],
+                "seconds": 0.0, "bytes_moved": 0, "launches": 1}
+
+    async def generate(self, prompt, sampling_params, request_id, **kw):
+        await asyncio.Event().wait()
+        yield None
+
+    async def shutdown(self):
+        pass
+
+
+def test_stopping_the_engine_fails_every_outstanding_request(monkeypatch):
+    from bonesoup.serve.protocol import RequestError
+    from bonesoup.serve.vllm_engine import VLLMEngine, VLLMSoup
+
+    soup = VLLMSoup(sft="sft", backbones=["b0", "b1"], adapters=False, method="bone", beta=BETA)
+
+    async def fake_open(self):
+        self._idle = asyncio.Condition()
+        self.soup.backend = HangingBackend()
+        self.context_length = 64
+
+    monkeypatch.setattr(VLLMEngine, "_open", fake_open)
+    engine = VLLMEngine(soup, type("T", (), {"eos_token_id": 0})())
+    engine.start(30)
+    engine.submit(engine.preference_job([0.5, 0.5])).result(10)
+    running = engine.submit(engine.make_job([[1, 2, 3]], None, max_tokens=4))  # the live target: decodes now
+    waiting = engine.submit(engine.make_job([[1, 2]], ((1.0, 0.0), 0.0), max_tokens=4))  # waits for a re-merge
+    with pytest.raises(concurrent.futures.TimeoutError):
+        running.result(0.2)
+    engine.stop(10)
+    for fut in (running, waiting):
+        with pytest.raises(RequestError) as e:
+            fut.result(5)
+        assert e.value.status == 503
+    assert not engine.alive
+    with pytest.raises(RequestError, match="not running"):
+        engine.submit(engine.make_job([[1]], None, max_tokens=1))
