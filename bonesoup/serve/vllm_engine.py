@@ -483,14 +483,20 @@ def build_vllm_app(args):
     from bonesoup.serve.protocol import check_target
     from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters
 
-    for flag, value in (("--model-dir", args.model_dir), ("--device", args.device)):
+    for flag, value in (("--model-dir", args.model_dir), ("--device", args.device), ("--lora-rank", args.lora_rank),
+                        ("--batch-greedy", args.batch_greedy), ("--batch-wait-ms", args.batch_wait_ms)):
         if value is not None:
-            raise ValueError(f"{flag} is for --engine hf; --engine vllm serves the --sft model on vLLM's devices")
-    if args.backbones:
-        backbones = [Path(b) for b in args.backbones]
+            raise ValueError(f"{flag} is for --engine hf; --engine vllm serves the --sft model on vLLM's devices "
+                             "(adapter backbones: --backbones or --adapters)")
+    listed = args.backbones or args.adapters  # --adapters, as with --engine hf: adapter backbones
+    if listed:
+        backbones = [Path(b) for b in listed]
         for d in [*backbones, *([args.sft] if args.sft else [])]:
             if not Path(d).is_dir():
                 raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+        if args.adapters and not all(is_adapter_dir(b) for b in backbones):
+            raise ValueError(f"--adapters: {[str(b) for b in backbones if not is_adapter_dir(b)]} are not peft "
+                             "LoRA adapter directories (full checkpoints go in --backbones)")
         kinds = {is_adapter_dir(b) for b in backbones}
         if len(kinds) > 1:
             raise ValueError("--backbones mixes LoRA adapter directories and full checkpoints")

@@ -261,3 +261,24 @@ def test_stopping_the_engine_fails_every_outstanding_request(monkeypatch):
     assert not engine.alive
     with pytest.raises(RequestError, match="not running"):
         engine.submit(engine.make_job([[1]], None, max_tokens=1))
+
+
+def _serve_args(*argv):
+    import argparse
+
+    from bonesoup.serve.cli import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", "--engine", "vllm", *map(str, argv)])
+
+
+def test_vllm_serve_takes_the_hf_engines_adapter_flag_and_refuses_its_other_flags(tmp_path):
+    from bonesoup.serve.vllm_engine import build_vllm_app
+
+    # --max-tokens-limit 0 would be refused too: the adapters must be checked first, not dropped for the default
+    with pytest.raises(FileNotFoundError, match="nope-0"):
+        build_vllm_app(_serve_args("--adapters", tmp_path / "nope-0", tmp_path / "nope-1", "--beta", BETA,
+                                   "--workdir", tmp_path, "--max-tokens-limit", 0))
+    with pytest.raises(ValueError, match="--lora-rank is for --engine hf"):
+        build_vllm_app(_serve_args("--lora-rank", 4, "--workdir", tmp_path))
