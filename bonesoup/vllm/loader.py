@@ -61,10 +61,11 @@ class SoupModelLoader(DefaultModelLoader):
         for s in self.backbones:
             if not (Path(s) / "config.json").is_file():
                 raise FileNotFoundError(f"backbone {s!r} is not a checkpoint directory (no config.json)")
-        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size, model_parallel_is_initialized
 
         # plans and checks memory (on CPU every tensor-parallel rank fills its arena from the same RAM at once)
-        arena = SoupArena(model, sources, host_ranks=get_tensor_model_parallel_world_size())
+        ranks = get_tensor_model_parallel_world_size() if model_parallel_is_initialized() else 1
+        arena = SoupArena(model, sources, host_ranks=ranks)
 
         def load_row(row: int):
             if row == len(self.backbones):  # the SFT model: the engine's own source, as the default loader reads it
