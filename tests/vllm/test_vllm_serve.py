@@ -9,14 +9,13 @@ adapters are evicted and re-created while others decode).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import random
 
 import pytest
 from serve_fixtures import KEY, Client, complete
-from vllm_helpers import BETA, PROMPTS, MixtureReference, serving
+from vllm_helpers import BETA, PROMPTS, MixtureReference, concurrently, serving
 
 MAX_TOKENS = 10
 LIMIT = 24
@@ -61,15 +60,7 @@ def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(s
     rng.shuffle(jobs)
     created_before = soup.backend.cache.created
 
-    def run(chunk):
-        c = Client(srv)
-        try:
-            return [(t, p, *_complete(c, p, t)[:2]) for t, p in chunk]
-        finally:
-            c.close()
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        results = [r for rs in pool.map(run, [jobs[i::12] for i in range(12)]) for r in rs]
+    results = concurrently(srv, jobs, 12, MAX_TOKENS)
     errors = [(s, b) for _, _, s, b in results if s != 200]
     assert errors == []
     versions: dict = {}

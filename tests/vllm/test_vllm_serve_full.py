@@ -7,13 +7,12 @@ Needs ``bonesoup.vllm.AsyncSoup`` (the full-weight vLLM integration).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import random
 
 import pytest
 from serve_fixtures import KEY, Client, complete
-from vllm_helpers import BETA, PROMPTS, MergeReference, serving
+from vllm_helpers import BETA, PROMPTS, MergeReference, concurrently, serving
 
 from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters, materialise_backbones
 
@@ -49,15 +48,7 @@ def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(s
     jobs = [(TARGETS[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(24)]
     random.Random(1).shuffle(jobs)
 
-    def run(chunk):
-        c = Client(srv)
-        try:
-            return [(t, p, *_complete(c, p, t)[:2]) for t, p in chunk]
-        finally:
-            c.close()
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = [r for rs in pool.map(run, [jobs[i::8] for i in range(8)]) for r in rs]
+    results = concurrently(srv, jobs, 8, MAX_TOKENS)
     assert [(s, b) for *_, s, b in results if s != 200] == []
     version_target = {}
     for (pref, alpha), prompt, _, body in results:

@@ -10,6 +10,7 @@ never through vLLM or a mixture adapter.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 from pathlib import Path
@@ -48,6 +49,21 @@ def serving(argv):
         yield srv, app, soup
     finally:
         srv.stop(120)
+
+
+def concurrently(srv, jobs, threads: int, max_tokens: int) -> list[tuple]:
+    """``(target, prompt, status, body)`` of greedy completions of ``jobs`` [(target, prompt)], ``threads`` clients."""
+    from serve_fixtures import Client, complete
+
+    def run(chunk):
+        c = Client(srv)
+        try:
+            return [(t, p, *complete(c, p, t, max_tokens=max_tokens)[:2]) for t, p in chunk]
+        finally:
+            c.close()
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [r for rs in pool.map(run, [jobs[i::threads] for i in range(threads)]) for r in rs]
 
 
 class _Greedy:
@@ -144,7 +160,7 @@ class MixtureReference(_Greedy):
 
 
 class References:
-    """``reference(models, preference, alpha, prompts=..., max_tokens=..., method=...)``: one MergeReference per models."""
+    """``reference(models, preference, alpha, prompts=, max_tokens=, method=)``: a MergeReference per models."""
 
     def __init__(self, root: Path):
         self.root, self._refs = Path(root), {}
