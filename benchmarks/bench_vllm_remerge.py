@@ -19,7 +19,7 @@ engines, alternated: what each publishing mode costs while serving.
 
 Before timing, the engines' greedy tokens are checked to agree at a preference
 (so the reload baseline really serves the merge). Models are Qwen2s made in code
-(tests/vllm/tiny_qwen2.py): "tiny" (hidden 128, 2 layers, 1.6 MB fp32) and
+(bonesoup.tasks.tiny_qwen2.make_tiny_qwen2): "tiny" (hidden 128, 2 layers, 1.6 MB fp32) and
 "300mb" (hidden 1024, 7 layers, ~310 MB fp32). Run it in the vLLM environment:
 
     PYTHONPATH=. .venv-vllm/bin/python benchmarks/bench_vllm_remerge.py --model tiny --repeats 7
@@ -46,7 +46,6 @@ for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "
                    "VLLM_CACHE_ROOT": str(_ROOT / ".vllm-cache" / "vllm"),
                    "TORCHINDUCTOR_CACHE_DIR": str(_ROOT / ".vllm-cache" / "inductor")}.items():
     os.environ.setdefault(key, value)
-sys.path.insert(0, str(_ROOT / "tests" / "vllm"))
 
 MODELS = {  # make_tiny_qwen2 keyword arguments
     "tiny": dict(hidden=128, layers=2, intermediate=256),
@@ -61,7 +60,7 @@ def _greedy(llm, ids, sp):
 
 
 def run(model: str, repeats: int, n: int, workdir: Path) -> dict:
-    from tiny_qwen2 import make_tiny_qwen2
+    from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2
     from vllm import LLM, SamplingParams
 
     from bonesoup import merge_checkpoints

@@ -132,7 +132,7 @@ class VLLMEngine:
         self.remerges: list = []  # (reason, RemergeInfo), full-weight mode
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._outstanding = 0  # jobs accepted and not finished (max_queue bounds it)
+        self._outstanding: set = set()  # futures of jobs accepted and not finished (max_queue bounds it)
         self._count_lock = threading.Lock()
         # full-weight mode, touched on the loop only
         self._waiting: list = []
@@ -222,17 +222,29 @@ class VLLMEngine:
             return
 
         async def close():
-            left, self._waiting = self._waiting, []
-            for job in left:
-                self._fail(job, RequestError(503, "the server is shutting down", None, "server_shutdown"))
+            self._waiting = []
+            self._fail_outstanding()  # waiting, in a round or decoding: none of them finishes now
             with contextlib.suppress(Exception):
                 await self.soup.backend.shutdown()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close(), loop).result(timeout)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         self._loop = None
+        self._fail_outstanding()  # close() timed out: the futures are thread-safe
+
+    def _fail_outstanding(self) -> None:
+        with self._count_lock:
+            left = list(self._outstanding)
+        for fut in left:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if not fut.done():
+                    fut.set_exception(RequestError(503, "the server is shutting down", None, "server_shutdown"))
 
     # -- jobs in
 
@@ -241,17 +253,20 @@ class VLLMEngine:
         if not self.alive or self._loop is None:
             raise RequestError(503, "the vLLM engine is not running", None, "server_error")
         with self._count_lock:
-            if self._outstanding >= self.max_queue:
-                raise RequestError(503, f"the server is busy ({self._outstanding} requests in progress); retry "
-                                   "later", None, "server_busy")
-            self._outstanding += 1
+            if len(self._outstanding) >= self.max_queue:
+                raise RequestError(503, f"the server is busy ({len(self._outstanding)} requests in progress); "
+                                   "retry later", None, "server_busy")
+            self._outstanding.add(job.future)
         job.future.add_done_callback(self._done)
-        self._loop.call_soon_threadsafe(self._accept, job)
+        try:
+            self._loop.call_soon_threadsafe(self._accept, job)
+        except (RuntimeError, AttributeError):  # stopped in between (loop closed, or gone)
+            self._fail(job, RequestError(503, "the vLLM engine is not running", None, "server_error"))
         return job.future
 
-    def _done(self, _fut) -> None:
+    def _done(self, fut) -> None:
         with self._count_lock:
-            self._outstanding -= 1
+            self._outstanding.discard(fut)
 
     @staticmethod
     def _fail(job, exc: BaseException) -> None:
@@ -301,14 +316,14 @@ class VLLMEngine:
         pref, alpha = job.target
         t0 = time.perf_counter()
         backend = self.soup.backend
-        async with backend.mixture(pref, alpha) as mix:
-            pass  # made (or found) and cached: the default's adapter is ready for the next request
+        async with backend.mixture(pref, alpha) as mix:  # made (or found) and cached for the next request
+            # while pinned: once released a concurrent acquisition may evict it and delete its directory
+            nbytes = sum(f.stat().st_size for f in mix.path.iterdir() if f.is_file())
         seconds = time.perf_counter() - t0
         self.soup.set_current(mix.preference, mix.alpha, mix.id)
         self.metrics.count_remerge("api", seconds)
         self.metrics.weights_version.set(mix.id)
         c_sft = 1.0 - sum(mix.coefficients)
-        nbytes = sum(f.stat().st_size for f in mix.path.iterdir() if f.is_file())
         job.future.set_result(RemergeInfo(mix.id, mix.preference, mix.alpha, [*mix.coefficients, c_sft], seconds,
                                           nbytes, 0))
 
@@ -341,6 +356,8 @@ class VLLMEngine:
     async def _schedule(self) -> None:
         try:
             await self._rounds()
+        except asyncio.CancelledError:  # stop(): it has failed every job already
+            raise
         except BaseException as exc:  # a bug here must not leave requests waiting forever
             log.exception("the vLLM engine's scheduler failed")
             for job in [*self._taken, *self._waiting]:
@@ -466,14 +483,20 @@ def build_vllm_app(args):
     from bonesoup.serve.protocol import check_target
     from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters
 
-    for flag, value in (("--model-dir", args.model_dir), ("--device", args.device)):
+    for flag, value in (("--model-dir", args.model_dir), ("--device", args.device), ("--lora-rank", args.lora_rank),
+                        ("--batch-greedy", args.batch_greedy), ("--batch-wait-ms", args.batch_wait_ms)):
         if value is not None:
-            raise ValueError(f"{flag} is for --engine hf; --engine vllm serves the --sft model on vLLM's devices")
-    if args.backbones:
-        backbones = [Path(b) for b in args.backbones]
+            raise ValueError(f"{flag} is for --engine hf; --engine vllm serves the --sft model on vLLM's devices "
+                             "(adapter backbones: --backbones or --adapters)")
+    listed = args.backbones or args.adapters  # --adapters, as with --engine hf: adapter backbones
+    if listed:
+        backbones = [Path(b) for b in listed]
         for d in [*backbones, *([args.sft] if args.sft else [])]:
             if not Path(d).is_dir():
                 raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+        if args.adapters and not all(is_adapter_dir(b) for b in backbones):
+            raise ValueError(f"--adapters: {[str(b) for b in backbones if not is_adapter_dir(b)]} are not peft "
+                             "LoRA adapter directories (full checkpoints go in --backbones)")
         kinds = {is_adapter_dir(b) for b in backbones}
         if len(kinds) > 1:
             raise ValueError("--backbones mixes LoRA adapter directories and full checkpoints")

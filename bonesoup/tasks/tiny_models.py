@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_CORPUS", "make_tiny_tokenizer", "tiny_gpt2_config", "make_tiny_backbones", "random_gpt2_adapters"]
+__all__ = ["TINY_CORPUS", "make_tiny_tokenizer", "tiny_gpt2_config", "make_tiny_backbones", "save_perturbed_backbones",
+           "random_gpt2_adapters"]
 
 #: Training text for the tiny tokenizer (also handy as prompts).
 TINY_CORPUS = (
@@ -141,7 +142,17 @@ def make_tiny_backbones(
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config).eval()
     save_kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
+    return save_perturbed_backbones(model, tokenizer, root, n, seed=seed, delta=delta, dtype=dtype, **save_kwargs)
 
+
+def save_perturbed_backbones(model, tokenizer, root: Path, n: int, *, seed: int, delta: float,
+                             dtype: torch.dtype = torch.float32, **save_kwargs) -> tuple[Path, list[Path]]:
+    """Save float32 ``model`` as ``root/sft`` and ``n`` backbones ``root/backbone-{j}`` (SFT + ``delta`` * N(0, 1)).
+
+    The deltas are seeded by ``(seed, j)`` and added in float32; every
+    checkpoint is saved in ``dtype`` with ``tokenizer``. Tied parameters are
+    one parameter, perturbed once. ``model`` ends as the last backbone.
+    """
     def save(path: Path) -> Path:
         model.to(dtype).save_pretrained(path, **save_kwargs)
         model.to(torch.float32)

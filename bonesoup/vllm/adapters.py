@@ -192,14 +192,16 @@ class MixtureCache:
                 hit.refs += 1
                 return hit, []
             evicted = []
+            victim = None
             if len(self._lru) >= self.capacity:
                 victim = next((k for k, m in self._lru.items() if m.refs == 0), None)
                 if victim is None:
                     raise SlotsBusy(f"all {self.capacity} adapter slots (max_loras) are in use by requests in "
                                     "flight")
+            mix = self._make(key)  # first: if making fails, nothing was evicted
+            if victim is not None:
                 evicted.append(self._lru.pop(victim))
                 self.evicted += 1
-            mix = self._make(key)
             mix.refs = 1
             self._lru[key] = mix
             return mix, evicted
@@ -222,8 +224,14 @@ class MixtureCache:
             mixture.refs -= 1
 
     def discard(self, mixture: Mixture) -> None:
-        """Delete an evicted adapter's directory (after the engine has dropped it)."""
-        shutil.rmtree(mixture.path, ignore_errors=True)
+        """Delete an evicted adapter's directory (after the engine has dropped it).
+
+        Kept when the same target was made again in between: the new mixture
+        (a new id) reuses the directory.
+        """
+        with self._lock:
+            if all(m.path != mixture.path for m in self._lru.values()):
+                shutil.rmtree(mixture.path, ignore_errors=True)
 
     def cached(self) -> list[Mixture]:
         """The cached mixtures, least recently used first."""
@@ -393,6 +401,7 @@ class AsyncAdapterSoup:
     def __init__(self, engine, cache: MixtureCache):
         self.engine, self.cache = engine, cache
         self._slots = asyncio.Condition()
+        self._evicted: list[Mixture] = []  # out of the cache, still to be removed from the engine and disk
 
     @classmethod
     async def create(cls, sft_dir, adapters: Sequence, *, beta: float | None = None, method: str = "bone",
@@ -425,27 +434,49 @@ class AsyncAdapterSoup:
             yield mix
         finally:
             self.cache.release(mix)
-            async with self._slots:
-                self._slots.notify_all()
+            await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._slots:  # a slot may be free: waiting acquisitions try again
+            self._slots.notify_all()
 
     async def _make(self, preference, alpha) -> Mixture:
         async with self._slots:
             while True:
+                # Writing a new adapter is file I/O: off the event loop. Callers hold _slots, so
+                # acquisitions run one at a time and the thread only ever holds the cache lock briefly.
+                made = asyncio.ensure_future(asyncio.to_thread(self.cache.acquire, preference, alpha))
                 try:
-                    # Writing a new adapter is file I/O: off the event loop. Callers hold _slots, so
-                    # acquisitions run one at a time and the thread only ever holds the cache lock briefly.
-                    mix, evicted = await asyncio.to_thread(self.cache.acquire, preference, alpha)
+                    mix, evicted = await asyncio.shield(made)
                     break
                 except SlotsBusy:
                     await self._slots.wait()
+                except asyncio.CancelledError:  # the thread runs on: unpin what it made, queue what it evicted
+                    made.add_done_callback(self._abandoned)
+                    raise
+            self._evicted.extend(evicted)
             try:
-                for old in evicted:
-                    await self.engine.remove_lora(old.id)
-                    self.cache.discard(old)
+                await self._drop_evicted()
             except BaseException:  # cancelled or failed: do not leave the new adapter pinned
                 self.cache.release(mix)
                 raise
         return mix
+
+    def _abandoned(self, made: asyncio.Future) -> None:
+        if made.cancelled() or made.exception() is not None:
+            return
+        mix, evicted = made.result()
+        self.cache.release(mix)
+        self._evicted.extend(evicted)  # removed from the engine by the next acquisition
+        asyncio.ensure_future(self._notify())
+
+    async def _drop_evicted(self) -> None:
+        """Remove evicted adapters from the engine, then from disk (one at a time: a failure keeps the rest)."""
+        while self._evicted:
+            old = self._evicted[0]
+            await self.engine.remove_lora(old.id)
+            self._evicted.pop(0)
+            self.cache.discard(old)
 
     async def generate(self, prompt, sampling_params, request_id: str, *, preference: Sequence[float],
                        alpha: float = 0.0, **kwargs: Any) -> AsyncIterator:

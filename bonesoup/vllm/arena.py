@@ -78,9 +78,12 @@ class SoupArena:
         The freshly created vLLM model (parameters allocated, not yet loaded).
     sources : sequence of str
         What each stored row holds, for messages (backbone directories, then the SFT directory).
+    host_ranks : int
+        Ranks that fill their arenas from the same host memory at the same time
+        (vLLM's tensor-parallel ranks on the CPU backend): the free memory must hold all of them.
     """
 
-    def __init__(self, model: torch.nn.Module, sources: Sequence[str]):
+    def __init__(self, model: torch.nn.Module, sources: Sequence[str], *, host_ranks: int = 1):
         self.model = model
         self.sources = [str(s) for s in sources]
         self.k = len(self.sources)
@@ -100,12 +103,13 @@ class SoupArena:
         # k stored rows + the live arena (the model's own storage is released once
         # its parameters are views; it is counted as free only after that).
         self.bytes_needed = (self.k + 1) * self.param_bytes
+        ranks = host_ranks if self.device.type == "cpu" else 1  # a GPU rank allocates on its own device
         free = free_bytes(self.device)
-        if free is not None and self.bytes_needed > free:
+        if free is not None and ranks * self.bytes_needed > free:
             raise MemoryError(
-                f"bonesoup.vllm needs {self.bytes_needed / 2**30:.2f} GiB on {self.device} for this rank "
-                f"({self.k} stored models + the live weights, {self.param_bytes / 2**30:.3f} GiB each) but only "
-                f"{free / 2**30:.2f} GiB is free")
+                f"bonesoup.vllm needs {ranks * self.bytes_needed / 2**30:.2f} GiB on {self.device} for "
+                f"{'this rank' if ranks == 1 else f'{ranks} ranks'} ({self.k} stored models + the live weights, "
+                f"{self.param_bytes / 2**30:.3f} GiB each per rank) but only {free / 2**30:.2f} GiB is free")
         self.version = 0
         self.coefficients: list[float] = [0.0] * (self.k - 1) + [1.0]  # as loaded: the last row (SFT)
         self._modules: list[tuple[torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []

@@ -105,6 +105,40 @@ class _Preferences:
         return [float(x) for x in c] + [float(c_sft)]
 
 
+class _Served:
+    """What both clients share: the preference -> coefficients map and the served weights' state."""
+
+    def __init__(self, prefs: _Preferences, sft_dir: str, backbones: list[str]):
+        self._prefs, self.sft_dir, self.backbones = prefs, sft_dir, backbones
+        self.version = 0
+        self.preference: list[float] | None = None
+        self.alpha = 0.0
+        self._coefficients = [0.0] * len(backbones) + [1.0]  # version 0: the SFT model as loaded
+
+    @property
+    def n(self) -> int:
+        """Number of backbones (objectives)."""
+        return self._prefs.n
+
+    @property
+    def method(self) -> str:
+        return self._prefs.method
+
+    @property
+    def beta(self) -> float | None:
+        return self._prefs.beta
+
+    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
+        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
+        return self._prefs.coefficients(preference, alpha)
+
+    def _served(self, coeffs, preference, alpha: float) -> None:
+        """Record what the live weights now are (after every rank switched and the version was tagged)."""
+        self._coefficients = [float(x) for x in coeffs]
+        self.preference = None if preference is None else [float(x) for x in preference]
+        self.alpha = float(alpha)
+
+
 def _report(results: list[dict], version: int, coeffs: list[float], preference, alpha: float, t0: float) -> dict:
     return {"version": version, "merge_s": max(r["merge_s"] for r in results),
             "publish_s": max(r["publish_s"] for r in results), "seconds": time.perf_counter() - t0,
@@ -127,6 +161,15 @@ def _rpc_error(failed: list[dict]) -> Exception:
     return cls(f"re-merge failed, the previous weights are still served ({msgs})")
 
 
+def _check_rollback(results: list[dict]) -> None:
+    """Raise if putting the ranks back on the served weights failed too (the weights are then undefined)."""
+    failed, _ = _failures(results)
+    if failed:
+        msgs = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
+        raise RuntimeError(f"re-merge failed and restoring the served weights failed too ({msgs}): the ranks' "
+                           "weights are undefined; restart the engine")
+
+
 def _tag(out, version: int):
     """Set ``out.weights_version``; check vLLM's spans on a finished output agree."""
     for comp in getattr(out, "outputs", None) or ():
@@ -138,7 +181,7 @@ def _tag(out, version: int):
     return out
 
 
-class SoupLLM:
+class SoupLLM(_Served):
     """vLLM's offline ``LLM`` serving a Bone Soup merge that re-merges in place.
 
     Parameters
@@ -172,32 +215,11 @@ class SoupLLM:
 
         kwargs = soup_engine_kwargs(sft_dir, backbones, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                     **llm_kwargs)
-        self._prefs = _Preferences(len(backbones), method, beta)
-        self.sft_dir, self.backbones = kwargs["model"], list(kwargs["model_loader_extra_config"][BACKBONES_KEY])
+        super().__init__(_Preferences(len(backbones), method, beta), kwargs["model"],
+                         list(kwargs["model_loader_extra_config"][BACKBONES_KEY]))
         self.llm = LLM(**kwargs)
-        self.version = 0
-        self.preference: list[float] | None = None
-        self.alpha = 0.0
-        self._coefficients = [0.0] * len(self.backbones) + [1.0]  # version 0: the SFT model as loaded
         self._lock = threading.Lock()
         self.llm.llm_engine.set_weight_version("0")
-
-    @property
-    def n(self) -> int:
-        """Number of backbones (objectives)."""
-        return self._prefs.n
-
-    @property
-    def method(self) -> str:
-        return self._prefs.method
-
-    @property
-    def beta(self) -> float | None:
-        return self._prefs.beta
-
-    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
-        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
-        return self._prefs.coefficients(preference, alpha)
 
     def set_preference(self, preference: Sequence[float], alpha: float = 0.0) -> dict:
         """Re-merge every rank in place for ``preference`` [n] (on the simplex) and ``alpha``.
@@ -226,15 +248,18 @@ class SoupLLM:
             failed, partial = _failures(results)
             if failed:
                 if partial:  # the others switched: put them back on the served weights
-                    self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version))
+                    _check_rollback(self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version)))
                 raise _rpc_error(failed)
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
+            try:
+                if not self.llm.reset_prefix_cache():
+                    raise RuntimeError("vLLM refused to reset its prefix cache after the re-merge")
+                self.llm.llm_engine.set_weight_version(str(self.version + 1))
+            except BaseException:  # every rank switched but the change is not complete: put them back
+                _check_rollback(self.llm.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                self.llm.llm_engine.set_weight_version(str(self.version))
+                raise
             self.version += 1
-            self.llm.llm_engine.set_weight_version(str(self.version))
-            self._coefficients = [float(x) for x in coeffs]
-            self.preference = None if preference is None else [float(x) for x in preference]
-            self.alpha = float(alpha)
+            self._served(coeffs, preference, alpha)
             return _report(results, self.version, self._coefficients, preference, alpha, t0)
 
     def generate(self, prompts, sampling_params=None, lora_request=None, **kwargs) -> list:
@@ -274,7 +299,12 @@ class _Gate:
         async with self._cond:
             await self._cond.wait_for(lambda: not self._changing)
             self._changing = True  # from here new requests wait
-            await self._cond.wait_for(lambda: self._inflight == 0)
+            try:
+                await self._cond.wait_for(lambda: self._inflight == 0)
+            except BaseException:  # cancelled while draining: open the gate again, or every request waits forever
+                self._changing = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -283,7 +313,7 @@ class _Gate:
                 self._cond.notify_all()
 
 
-class AsyncSoup:
+class AsyncSoup(_Served):
     """vLLM's ``AsyncLLM`` serving a Bone Soup merge; preference changes pause, re-merge and resume.
 
     Create with ``await AsyncSoup.create(sft_dir, backbones, beta=..., ...)``
@@ -292,11 +322,8 @@ class AsyncSoup:
     """
 
     def __init__(self, engine, prefs: _Preferences, sft_dir: str, backbones: list[str]):
-        self.engine, self._prefs, self.sft_dir, self.backbones = engine, prefs, sft_dir, backbones
-        self.version = 0
-        self.preference: list[float] | None = None
-        self.alpha = 0.0
-        self._coefficients = [0.0] * len(backbones) + [1.0]  # version 0: the SFT model as loaded
+        super().__init__(prefs, sft_dir, backbones)
+        self.engine = engine
         self._gate = _Gate()
 
     @classmethod
@@ -316,23 +343,6 @@ class AsyncSoup:
             raise
         return cls(engine, prefs, kwargs["model"], list(kwargs["model_loader_extra_config"][BACKBONES_KEY]))
 
-    @property
-    def n(self) -> int:
-        """Number of backbones (objectives)."""
-        return self._prefs.n
-
-    @property
-    def method(self) -> str:
-        return self._prefs.method
-
-    @property
-    def beta(self) -> float | None:
-        return self._prefs.beta
-
-    def coefficients(self, preference: Sequence[float], alpha: float = 0.0) -> list[float]:
-        """The merge coefficients of ``preference`` and ``alpha``: n backbones, then SFT (validated)."""
-        return self._prefs.coefficients(preference, alpha)
-
     async def set_preference(self, preference: Sequence[float], alpha: float = 0.0) -> dict:
         """Pause (in-flight requests finish on the old weights), re-merge, reset the prefix cache, tag, resume.
 
@@ -349,27 +359,48 @@ class AsyncSoup:
     async def _apply(self, coeffs: list, preference, alpha: float) -> dict:
         t_wait = time.perf_counter()
         async with self._gate.change():
-            # Also drains requests sent to self.engine directly, around our gate.
-            await self.engine.pause_generation(mode="wait", clear_cache=True)
-            try:
-                t0 = time.perf_counter()
-                results = await self.engine.collective_rpc(_RPC, args=(coeffs, self.version + 1))
-                failed, partial = _failures(results)
-                if failed:
-                    if partial:  # the others switched: put them back on the served weights
-                        await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version))
-                    raise _rpc_error(failed)
-                await self.engine.reset_prefix_cache()
-                self.version += 1
-                await self.engine.update_weight_version(str(self.version))
-                self._coefficients = [float(x) for x in coeffs]
-                self.preference = None if preference is None else [float(x) for x in preference]
-                self.alpha = float(alpha)
-                info = _report(results, self.version, self._coefficients, preference, alpha, t0)
-            finally:
-                await self.engine.resume_generation()
+            # Once the RPC is sent the workers merge whatever the caller does; a cancelled
+            # call waits for the switch to end (weights, version and tags agree), then re-raises.
+            switch = asyncio.ensure_future(self._switch(coeffs, preference, alpha))
+            cancelled = False
+            while not switch.done():
+                try:
+                    await asyncio.shield(switch)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except BaseException:
+                    break  # the switch's own failure: raised below
+            if cancelled:
+                if not switch.cancelled():
+                    switch.exception()  # retrieved: the caller sees the cancellation
+                raise asyncio.CancelledError
+            info, t0 = switch.result()
         info["pause_s"] = t0 - t_wait
         return info
+
+    async def _switch(self, coeffs: list, preference, alpha: float) -> tuple[dict, float]:
+        # Also drains requests sent to self.engine directly, around our gate.
+        await self.engine.pause_generation(mode="wait", clear_cache=True)
+        try:
+            t0 = time.perf_counter()
+            results = await self.engine.collective_rpc(_RPC, args=(coeffs, self.version + 1))
+            failed, partial = _failures(results)
+            if failed:
+                if partial:  # the others switched: put them back on the served weights
+                    _check_rollback(await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                raise _rpc_error(failed)
+            try:
+                await self.engine.reset_prefix_cache()
+                await self.engine.update_weight_version(str(self.version + 1))
+            except BaseException:  # every rank switched but the change is not complete: put them back
+                _check_rollback(await self.engine.collective_rpc(_RPC, args=(self._coefficients, self.version)))
+                await self.engine.update_weight_version(str(self.version))
+                raise
+            self.version += 1
+            self._served(coeffs, preference, alpha)
+            return _report(results, self.version, self._coefficients, preference, alpha, t0), t0
+        finally:
+            await self.engine.resume_generation()
 
     async def generate(self, prompt, sampling_params, request_id: str, lora_request=None,
                        **kwargs: Any) -> AsyncIterator:

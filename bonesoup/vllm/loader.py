@@ -61,7 +61,11 @@ class SoupModelLoader(DefaultModelLoader):
         for s in self.backbones:
             if not (Path(s) / "config.json").is_file():
                 raise FileNotFoundError(f"backbone {s!r} is not a checkpoint directory (no config.json)")
-        arena = SoupArena(model, sources)  # plans and checks memory; allocates nothing yet
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size, model_parallel_is_initialized
+
+        # plans and checks memory (on CPU every tensor-parallel rank fills its arena from the same RAM at once)
+        ranks = get_tensor_model_parallel_world_size() if model_parallel_is_initialized() else 1
+        arena = SoupArena(model, sources, host_ranks=ranks)
 
         def load_row(row: int):
             if row == len(self.backbones):  # the SFT model: the engine's own source, as the default loader reads it

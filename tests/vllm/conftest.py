@@ -30,9 +30,9 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_qwen2, vllm_helpers
+sys.path.insert(0, str(Path(__file__).parent))  # vllm_helpers
 
-from tiny_qwen2 import make_tiny_qwen2  # noqa: E402
+from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2  # noqa: E402
 from vllm_helpers import MAX_TOKENS, References  # noqa: E402
 
 

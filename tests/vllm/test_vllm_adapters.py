@@ -1,14 +1,14 @@
 """Per-request preferences in vLLM (bonesoup.vllm.adapters): mixture adapters in one batch, the LRU of adapters.
 
 One offline engine per module (vLLM's ``LLM`` in process). Tokens are checked
-against transformers on the exact merge (adapter_fixtures.MixtureReference),
+against transformers on the exact merge (vllm_helpers.MixtureReference),
 greedy, float32, on a tiny Qwen2 with 2 LoRA backbones made in code.
 """
 
 from __future__ import annotations
 
 import pytest
-from adapter_fixtures import BETA, PROMPTS, MixtureReference, shutdown_engine
+from vllm_helpers import BETA, PROMPTS, MixtureReference, shutdown_engine
 
 from bonesoup.merge.coefficients import merge_coefficients
 from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters

@@ -133,3 +133,11 @@ def test_memory_is_checked_before_allocation(monkeypatch):
     monkeypatch.setattr(arena_mod, "free_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match=r"3 stored models \+ the live weights"):
         SoupArena(Toy(), ["a", "b", "c"])
+
+
+def test_cpu_ranks_filling_their_arenas_from_one_host_memory_are_counted_together(monkeypatch):
+    one_rank = SoupArena(Toy(), ["a", "b", "c"]).bytes_needed
+    monkeypatch.setattr(arena_mod, "free_bytes", lambda device: one_rank)
+    SoupArena(Toy(), ["a", "b", "c"])  # one rank fits exactly
+    with pytest.raises(MemoryError, match="for 2 ranks"):
+        SoupArena(Toy(), ["a", "b", "c"], host_ranks=2)  # tensor-parallel 2 on CPU: both ranks in the same RAM

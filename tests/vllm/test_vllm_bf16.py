@@ -17,7 +17,7 @@ PREFERENCES = ([0.3, 0.7], [1.0, 0.0])
 @pytest.fixture(scope="module")
 def bf16_models(tmp_path_factory):
     import torch
-    from tiny_qwen2 import make_tiny_qwen2
+    from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("qwen2-bf16"), 2, dtype=torch.bfloat16, seed=2)
 

@@ -2,42 +2,32 @@
 
 One server per module (vLLM's AsyncLLM start-up is the slow part). Every greedy
 reply is checked against transformers on the exact merge at the served
-preference (adapter_fixtures.MixtureReference), under concurrent load with
+preference (vllm_helpers.MixtureReference), under concurrent load with
 more distinct preferences than adapter slots (so requests wait for slots, and
 adapters are evicted and re-created while others decode).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import json
 import random
 
 import pytest
-from adapter_fixtures import BETA, PROMPTS, Client, MixtureReference
+from serve_fixtures import KEY, Client, complete
+from vllm_helpers import BETA, PROMPTS, MixtureReference, concurrently, serving
 
-from bonesoup.serve.cli import ServerThread, add_serve_parser, build_from_args
-
-KEY = "vllm-test-key"
 MAX_TOKENS = 10
 LIMIT = 24
 MAX_LORAS = 4
+_complete = functools.partial(complete, max_tokens=MAX_TOKENS)  # -> (status, body, response)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    workdir = tmp_path_factory.mktemp("serve-vllm")
-    args = parser.parse_args(["serve", "--engine", "vllm", "--workdir", str(workdir), "--api-key", KEY,
-                              "--max-tokens-limit", str(LIMIT), "--dtype", "float32", "--max-model-len", "256",
-                              "--max-loras", str(MAX_LORAS)])
-    app, soup, _ = build_from_args(args)
-    srv = ServerThread(app).start()
-    yield srv, app, soup
-    srv.stop(120)
+    with serving(["--workdir", tmp_path_factory.mktemp("serve-vllm"), "--api-key", KEY, "--max-tokens-limit", LIMIT,
+                  "--dtype", "float32", "--max-model-len", 256, "--max-loras", MAX_LORAS]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +36,11 @@ def reference(server):
     return MixtureReference(soup.sft, soup.backbones, beta=BETA)
 
 
-def _complete(client, prompt, preference=None, alpha=None, **extra):
-    body = {"model": "bonesoup", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
-    if preference is not None:
-        body["preference"] = list(preference)
-    if alpha is not None:
-        body["alpha"] = alpha
-    return client.post("/v1/completions", body)
-
-
 def test_health_models_and_the_embedded_default(server):
     srv, _, soup = server
-    c = Client(srv, KEY)
-    assert c.get("/health", key="") == (200, {"status": "ok"})
-    status, body = c.get("/v1/models")
+    c = Client(srv)
+    assert c.get("/health", key="")[:2] == (200, {"status": "ok"})
+    status, body, _ = c.get("/v1/models")
     assert status == 200
     m = body["data"][0]
     assert (m["n_objectives"], m["method"], m["beta"]) == (2, "bone", BETA)
@@ -79,15 +60,7 @@ def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(s
     rng.shuffle(jobs)
     created_before = soup.backend.cache.created
 
-    def run(chunk):
-        c = Client(srv, KEY)
-        try:
-            return [(t, p, *_complete(c, p, *t)) for t, p in chunk]
-        finally:
-            c.close()
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        results = [r for rs in pool.map(run, [jobs[i::12] for i in range(12)]) for r in rs]
+    results = concurrently(srv, jobs, 12, MAX_TOKENS)
     errors = [(s, b) for _, _, s, b in results if s != 200]
     assert errors == []
     versions: dict = {}
@@ -104,18 +77,18 @@ def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(s
     assert cache.created - created_before >= len(targets)  # each distinct preference got its adapter ...
     assert len(cache.cached()) <= MAX_LORAS  # ... in at most max_loras slots, the rest evicted from disk
     assert len(list(cache.cache_dir.glob("mix-*"))) == len(cache.cached())
-    status, text = Client(srv, KEY).get("/metrics")
+    status, text, _ = Client(srv).get("/metrics")
     assert status == 200 and 'code="500"' not in text
 
 
 def test_preference_endpoint_sets_the_default(server, reference):
     srv, _, soup = server
-    c = Client(srv, KEY)
-    status, body = c.post("/v1/preference", {"preference": [0.2, 0.8], "alpha": 0.25})
+    c = Client(srv)
+    status, body, _ = c.post("/v1/preference", {"preference": [0.2, 0.8], "alpha": 0.25})
     assert status == 200, body
     assert body["preference"] == pytest.approx([0.2, 0.8]) and body["alpha"] == 0.25
     assert body["coefficients"] == pytest.approx(soup.coefficients([0.2, 0.8], 0.25))
-    status, out = _complete(c, PROMPTS[0])  # no preference: the default
+    status, out, _ = _complete(c, PROMPTS[0])  # no preference: the default
     assert status == 200
     assert out["weights_version"] == body["weights_version"] and out["preference"] == pytest.approx([0.2, 0.8])
     assert out["choices"][0]["text"] == reference.text([0.2, 0.8], 0.25, PROMPTS[0], MAX_TOKENS)
@@ -124,9 +97,9 @@ def test_preference_endpoint_sets_the_default(server, reference):
 
 def test_preferences_are_rounded_to_the_stated_precision(server):
     srv, _, _ = server
-    c = Client(srv, KEY)
-    a = _complete(c, PROMPTS[1], [0.3, 0.7])[1]
-    b = _complete(c, PROMPTS[1], [0.300004, 0.699996])[1]
+    c = Client(srv)
+    a = _complete(c, PROMPTS[1], ([0.3, 0.7], 0.0))[1]
+    b = _complete(c, PROMPTS[1], ([0.300004, 0.699996], 0.0))[1]
     assert b["preference"] == a["preference"] == pytest.approx([0.3, 0.7], abs=1e-12)
     assert b["weights_version"] == a["weights_version"] and b["choices"] == a["choices"]
 
@@ -144,8 +117,8 @@ def test_preferences_are_rounded_to_the_stated_precision(server):
 ])
 def test_bad_requests_get_4xx_naming_the_field(server, body, param):
     srv, _, _ = server
-    c = Client(srv, KEY)
-    status, out = c.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4, **body})
+    c = Client(srv)
+    status, out, _ = c.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4, **body})
     assert 400 <= status < 500 and out["error"]["param"] == param, (status, out)
     assert param in out["error"]["message"]
     assert _complete(c, "Hi")[0] == 200  # still serving
@@ -153,12 +126,12 @@ def test_bad_requests_get_4xx_naming_the_field(server, body, param):
 
 def test_malformed_json_and_nan_get_400(server):
     srv, _, _ = server
-    c = Client(srv, KEY)
-    status, out = c.post("/v1/completions", raw=b'{"prompt": "Hi", ')
+    c = Client(srv)
+    status, out, _ = c.post("/v1/completions", raw=b'{"prompt": "Hi", ')
     assert status == 400 and out["error"]["param"] == "body"
-    status, out = c.post("/v1/completions", raw=b'{"prompt": "Hi", "preference": [NaN, 1.0]}')
+    status, out, _ = c.post("/v1/completions", raw=b'{"prompt": "Hi", "preference": [NaN, 1.0]}')
     assert status == 400 and out["error"]["param"] == "preference"
-    status, out = c.post("/v1/preference", {"preference": [0.7, 0.7]})
+    status, out, _ = c.post("/v1/preference", {"preference": [0.7, 0.7]})
     assert status == 400 and out["error"]["param"] == "preference"
 
 
@@ -167,8 +140,8 @@ def test_auth_as_the_hf_engine(server):
     c = Client(srv)
     for path, method in (("/v1/completions", "POST"), ("/v1/preference", "POST"), ("/v1/models", "GET"),
                          ("/metrics", "GET")):
-        status, out = c.request(method, path, {"prompt": "Hi"} if method == "POST" else None, key="")
+        status, out, _ = c.request(method, path, {"prompt": "Hi"} if method == "POST" else None, key="")
         assert status == 401 and out["error"]["type"] == "authentication_error", path
         assert c.request(method, path, None, key="wrong")[0] == 401
     assert c.get("/health", key="")[0] == 200
-    assert json.loads(json.dumps(_complete(Client(srv, KEY), "Hi")[1]))["object"] == "text_completion"
+    assert json.loads(json.dumps(_complete(Client(srv), "Hi")[1]))["object"] == "text_completion"

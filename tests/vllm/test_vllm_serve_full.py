@@ -7,20 +7,18 @@ Needs ``bonesoup.vllm.AsyncSoup`` (the full-weight vLLM integration).
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import random
 
 import pytest
-from adapter_fixtures import BETA, PROMPTS, Client, MergeReference
+from serve_fixtures import KEY, Client, complete
+from vllm_helpers import BETA, PROMPTS, MergeReference, concurrently, serving
 
-import bonesoup.vllm.client  # noqa: F401,E402  (the full-weight integration: AsyncSoup)
+from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters, materialise_backbones
 
-from bonesoup.serve.cli import ServerThread, add_serve_parser, build_from_args  # noqa: E402
-from bonesoup.tasks.tiny_qwen2 import make_tiny_qwen2_adapters, materialise_backbones  # noqa: E402
-
-KEY = "vllm-full-key"
 MAX_TOKENS = 10
 TARGETS = [([1.0, 0.0], 0.0), ([0.3, 0.7], 0.0), ([0.6, 0.4], 0.5)]
+_complete = functools.partial(complete, max_tokens=MAX_TOKENS)  # -> (status, body, response)
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +30,10 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models):
-    import argparse
-
     sft, backbones, _ = models
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--engine", "vllm", "--backbones", *map(str, backbones), "--sft", str(sft),
-                              "--beta", str(BETA), "--api-key", KEY, "--dtype", "float32", "--max-model-len", "256"])
-    app, soup, _ = build_from_args(args)
-    srv = ServerThread(app).start()
-    yield srv, app, soup
-    srv.stop(120)
+    with serving(["--backbones", *backbones, "--sft", sft, "--beta", BETA, "--api-key", KEY, "--dtype", "float32",
+                  "--max-model-len", 256]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -51,28 +42,13 @@ def reference(models):
     return MergeReference(sft, backbones, root / "merged", beta=BETA)
 
 
-def _complete(client, prompt, target=None):
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-    if target is not None:
-        body["preference"], body["alpha"] = list(target[0]), target[1]
-    return client.post("/v1/completions", body)
-
-
 def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(server, reference):
     srv, app, soup = server
     assert soup.mode == "full" and soup.version == 1  # the initial (uniform) merge
     jobs = [(TARGETS[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(24)]
     random.Random(1).shuffle(jobs)
 
-    def run(chunk):
-        c = Client(srv, KEY)
-        try:
-            return [(t, p, *_complete(c, p, t)) for t, p in chunk]
-        finally:
-            c.close()
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = [r for rs in pool.map(run, [jobs[i::8] for i in range(8)]) for r in rs]
+    results = concurrently(srv, jobs, 8, MAX_TOKENS)
     assert [(s, b) for *_, s, b in results if s != 200] == []
     version_target = {}
     for (pref, alpha), prompt, _, body in results:
@@ -86,13 +62,13 @@ def test_interleaved_preferences_under_concurrent_load_equal_the_offline_merge(s
 
 def test_preference_endpoint_remerges_now(server, reference):
     srv, _, soup = server
-    c = Client(srv, KEY)
+    c = Client(srv)
     before = soup.version
-    status, body = c.post("/v1/preference", {"preference": [0.2, 0.8]})
+    status, body, _ = c.post("/v1/preference", {"preference": [0.2, 0.8]})
     assert status == 200 and body["weights_version"] == before + 1 and body["remerge_seconds"] > 0
-    status, out = _complete(c, PROMPTS[0])
+    status, out, _ = _complete(c, PROMPTS[0])
     assert status == 200 and out["weights_version"] == before + 1 and out["preference"] == [0.2, 0.8]
     assert out["choices"][0]["text"] == reference.text([0.2, 0.8], 0.0, PROMPTS[0], MAX_TOKENS)
-    status, out = c.post("/v1/completions", {"prompt": "Hi", "preference": [0.2, 0.9]})
+    status, out, _ = c.post("/v1/completions", {"prompt": "Hi", "preference": [0.2, 0.9]})
     assert status == 400 and out["error"]["param"] == "preference"
     assert soup.version == before + 1  # a bad request re-merges nothing

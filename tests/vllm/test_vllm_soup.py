@@ -110,3 +110,15 @@ def test_raw_coefficients_serve_one_stored_model_as_is(soup, tiny, prompts, refe
     info = soup.set_coefficients([0.0, 0.0, 1.0])  # the SFT row alone: 1 * x + 0 * y is exact in fp32
     assert info["preference"] is None and info["version"] == soup.version
     assert _generate(soup, prompts[:3], greedy)[0] == reference(tiny, None, prompts=prompts[:3])
+
+
+def test_a_failure_after_the_merge_puts_the_served_weights_back(soup, tiny, prompts, reference, greedy, monkeypatch):
+    soup.set_preference([0.3, 0.7])
+    version, coeffs = soup.version, soup.info()[0]["coefficients"]
+    monkeypatch.setattr(soup.llm, "reset_prefix_cache", lambda *a, **k: False)  # every rank merged, then this
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        soup.set_preference([1.0, 0.0])
+    monkeypatch.undo()
+    assert soup.version == version and soup.info()[0]["coefficients"] == coeffs
+    tokens, versions = _generate(soup, prompts[:3], greedy)
+    assert versions == [version] * 3 and tokens == reference(tiny, [0.3, 0.7], prompts=prompts[:3])
