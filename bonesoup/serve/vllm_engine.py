@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bonesoup.merge.live import RemergeInfo
-from bonesoup.serve.engine import CURRENT, Engine
+from bonesoup.serve.engine import CURRENT, Engine, completion_text
 from bonesoup.serve.metrics import Metrics
 from bonesoup.serve.protocol import DEFAULT_MAX_QUEUE, RequestError
 
@@ -433,17 +433,10 @@ class VLLMEngine:
 
     def _finish(self, row, out) -> tuple[str, str, int]:
         comp = out.outputs[0]
-        toks, reason = list(comp.token_ids), comp.finish_reason or "length"
-        if toks and toks[-1] in self.stop_ids:
-            toks, reason = toks[:-1], "stop"
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-        for s in row.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-        self.metrics.count_tokens(len(row.ids), len(toks))
-        return text, ("stop" if reason == "stop" else "length"), len(toks)
+        text, reason, n = completion_text(self.tokenizer, self.tokenizer_lock, comp.token_ids, self.stop_ids, row.stop,
+                                          comp.finish_reason or "length")
+        self.metrics.count_tokens(len(row.ids), n)
+        return text, reason, n
 
     async def _completion(self, job, key=None) -> None:
         key = self._target(job) if key is None else key
