@@ -14,6 +14,7 @@ each other) in bf16 ulps.
 Commands timed:
 
 - ``bonesoup --config``: this tree's ``python -m bonesoup merge --config merge.yaml`` (no torch);
+- ``bonesoup --no-fsync``: the same with ``--no-fsync`` (no flush to disk before the rename, like mergekit);
 - ``bonesoup (torch)``: the same merge with ``--device cpu`` through
   ``bonesoup.merge.offline.merge_checkpoints`` (imports torch), i.e. the path
   ``bonesoup merge`` took before; with ``--torch-tree DIR`` it is that tree's
@@ -254,13 +255,17 @@ def main() -> None:
         print("\n".join(f"{k:<24} {v:8.3f}" for k, v in parts.items()))
         return
     coeffs = [w / sum(weights) for w in weights]
-    outs = {name: args.workdir / f"out-{i}" for i, name in enumerate(["bonesoup --config", "bonesoup (torch)",
-                                                                        "mergekit-yaml"])}
+    outs = {name: args.workdir / f"out-{i}" for i, name in enumerate(["bonesoup --config", "bonesoup --no-fsync",
+                                                                        "bonesoup (torch)", "mergekit-yaml"])}
     py = sys.executable
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     pref = " ".join(str(c) for c in coeffs)
     cmds = {"bonesoup --config": ([py, "-m", "bonesoup", "merge", "--config", str(cfg), "--out",
-                                   str(outs["bonesoup --config"]), "--force", "--no-progress"], REPO, env)}
+                                   str(outs["bonesoup --config"]), "--force", "--no-progress"], REPO, env),
+            # The same without fsync: what mergekit (and save_pretrained) do; still renamed into place when complete.
+            "bonesoup --no-fsync": ([py, "-m", "bonesoup", "merge", "--config", str(cfg), "--out",
+                                     str(outs["bonesoup --no-fsync"]), "--force", "--no-progress", "--no-fsync"],
+                                    REPO, env)}
     if args.torch_tree:
         tree_env = {**os.environ, "PYTHONPATH": str(args.torch_tree)}
         cmds["bonesoup (torch)"] = ([py, "-m", "bonesoup", "merge", *map(str, dirs), "--method", "rewarded",

@@ -69,6 +69,10 @@ def _add_merge(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: as input)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (streams through the GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="full-checkpoint and --config merges on the CPU: do not fsync the output (still renamed into "
+                   "place only when complete, but a power loss soon after may leave it incomplete; mergekit does "
+                   "not fsync either)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--workdir", type=Path, default=DEMO_DIR, help="demo only: where the tiny checkpoints go")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
@@ -102,8 +106,10 @@ def _cmd_merge(args) -> int:
     if _is_cpu(args.device):
         from bonesoup.merge import cpu_merge
 
-        out = cpu_merge.merge_checkpoints_cpu(args.backbones, args.out, **kwargs)
+        out = cpu_merge.merge_checkpoints_cpu(args.backbones, args.out, fsync=not args.no_fsync, **kwargs)
     else:
+        if args.no_fsync:
+            raise ValueError("--no-fsync applies to CPU merges; the --device path always fsyncs")
         from bonesoup.merge import offline
 
         out = offline.merge_checkpoints(args.backbones, args.out, device=args.device, **kwargs)
@@ -173,7 +179,7 @@ def _merge_config(args) -> int:
         plan.report["adapters"] = deltas.report()
     out = merge_weighted_cpu([MergeInput(p, c, role) for p, c, role in plan.inputs], args.out, dtype=dtype,
                              force=args.force, progress=not args.no_progress, report=plan.report,
-                             tokenizer_from=plan.tokenizer_dir, deltas=deltas)
+                             tokenizer_from=plan.tokenizer_dir, deltas=deltas, fsync=not args.no_fsync)
     print(json.dumps(json.loads((out / "bonesoup-merge.json").read_text()), indent=2))
     return 0
 

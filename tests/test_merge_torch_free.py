@@ -199,3 +199,25 @@ def test_misaligned_tensors_are_merged(bf16, tmp_path):
     ref = merge_checkpoints_cpu(bbs, tmp_path / "ref", preference=[0.3, 0.7], beta=0.7, progress=False)
     got, want = weights(out), weights(ref)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_no_fsync_writes_the_same_files_without_a_single_fsync(sharded, tmp_path, monkeypatch):
+    sft, bbs = sharded
+    kw = dict(preference=[0.2, 0.3, 0.5], beta=0.7, alpha=0.1, sft=sft, progress=False)
+    durable = merge_checkpoints_cpu(bbs, tmp_path / "durable", **kw)
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    merge_checkpoints_cpu(bbs, tmp_path / "checked", **kw)
+    assert calls, "the default path must fsync (else this test checks nothing)"
+    calls.clear()
+    fast = merge_checkpoints_cpu(bbs, tmp_path / "fast", fsync=False, **kw)
+    assert calls == []
+    same_files(durable, fast)
+    # The CLI flag reaches the same path.
+    from bonesoup.cli import main
+
+    assert main(["merge", *map(str, bbs), "--out", str(tmp_path / "cli"), "--preference", "0.2", "0.3", "0.5",
+                 "--beta", "0.7", "--alpha", "0.1", "--sft", str(sft), "--no-fsync", "--no-progress"]) == 0
+    assert calls == []
+    same_files(durable, tmp_path / "cli")

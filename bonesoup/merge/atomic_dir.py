@@ -148,7 +148,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, required_bytes: int = 0) -> Iterator[Path]:
+def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, required_bytes: int = 0,
+                      fsync: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``target`` when the block completes.
 
     The temporary directory, ``.{name}.bonesoup-tmp-{pid}.{start}-{hex}``, is created
@@ -167,6 +168,11 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, require
         the new one is complete, then deleted.
     required_bytes : int
         Bytes the output will occupy.
+    fsync : bool
+        fsync the files and directories before and after the rename (the
+        default: after a power loss the output is absent or complete). False
+        keeps the rename atomic against a crash of this process but leaves
+        the flush to the kernel (what mergekit and ``save_pretrained`` do).
 
     Raises
     ------
@@ -198,10 +204,11 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, require
         # Everything on disk before the rename makes it visible: after a power
         # loss the output is either absent or complete (shards fsync
         # themselves; config, tokenizer, index and report files here).
-        for f in tmp.iterdir():
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
+        if fsync:
+            for f in tmp.iterdir():
+                if f.is_file():
+                    _fsync_file(f)
+            _fsync_dir(tmp)
         refuse_existing()  # it may have appeared while we were writing
         if target.exists():
             old = parent / f".{target.name}.bonesoup-old-{tag}"
@@ -214,7 +221,8 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, require
             _remove_entry(old)
         else:
             os.replace(tmp, target)
-        _fsync_dir(parent)
+        if fsync:
+            _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -171,15 +171,18 @@ def merge_checkpoints_cpu(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    fsync: bool = True,
 ) -> Path:
     """:func:`bonesoup.merge.offline.merge_checkpoints` on the CPU, without importing torch.
 
     Same parameters (less ``device``), same output files and report, same
     errors; see that function. ``dtype`` is a name (``"bfloat16"``, ``"bf16"``, ...) or a torch dtype.
+    ``fsync``: see :func:`merge_weighted_cpu`.
     """
     inputs, report = preference_inputs(backbones, preference=preference, beta=beta, alpha=alpha, sft=sft,
                                        method=method)
-    return merge_weighted_cpu(inputs, out_dir, dtype=dtype, force=force, progress=progress, report=report)
+    return merge_weighted_cpu(inputs, out_dir, dtype=dtype, force=force, progress=progress, report=report,
+                              fsync=fsync)
 
 
 def merge_weighted_cpu(
@@ -192,6 +195,7 @@ def merge_weighted_cpu(
     report: dict | None = None,
     tokenizer_from: str | os.PathLike | None = None,
     deltas: DeltaSource | None = None,
+    fsync: bool = True,
 ) -> Path:
     """Write ``sum_k inputs[k].coefficient * inputs[k]`` as a checkpoint directory ``out_dir``.
 
@@ -215,6 +219,10 @@ def merge_weighted_cpu(
         comes from the layout input.
     deltas : DeltaSource, optional
         Added to the weighted sum of the keys it names (fp32 accumulation in the same pass).
+    fsync : bool
+        fsync every file and directory before the output is renamed into place (default: after a power
+        loss the output is absent or complete). False: still renamed into place only when complete, but
+        the kernel flushes it later (``bonesoup merge --no-fsync``; mergekit does not fsync).
 
     Returns
     -------
@@ -254,13 +262,13 @@ def merge_weighted_cpu(
 
     # 3. Stream: merge batch i + 1 while a writer thread appends batch i.
     stats = {"bytes_read": 0, "bytes_written": 0, "merged_tensors": 0, "copied_tensors": 0}
-    with atomic_output_dir(out_dir, force=force, required_bytes=required) as tmp:
+    with atomic_output_dir(out_dir, force=force, required_bytes=required, fsync=fsync) as tmp:
         copy_side_files(first, tmp, config_updates=config_updates)
         if tok_ckpt is not None:
             _replace_tokenizer(first, tok_ckpt, tmp)
         with Progress(data_bytes, len(used), progress) as bar, ExitStack() as stack:
             maps = _Maps(stack)
-            writer = ShardStream(tmp, stats, bar)
+            writer = ShardStream(tmp, stats, bar, fsync=fsync)
             try:
                 for batch in _batches(layouts, first, out_st_of):
                     writer.reserve()  # at most two batches of output alive: this one and the one being written

@@ -314,15 +314,17 @@ class ShardWriter:
 
     Tensors must arrive in ``layout.keys`` order with the planned dtype and
     shape. :meth:`close` checks that every tensor was written, then flushes
-    and fsyncs (so a renamed-into-place output is on disk, not only in cache).
+    and fsyncs (so a renamed-into-place output is on disk, not only in cache;
+    ``fsync=False`` leaves the flush to the kernel).
     """
 
-    def __init__(self, path: str | os.PathLike, layout: ShardLayout):
+    def __init__(self, path: str | os.PathLike, layout: ShardLayout, *, fsync: bool = True):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; writing them on a big-endian host "
                                "is not supported")
         self.path = Path(path)
         self.layout = layout
+        self.fsync = bool(fsync)
         self._next = 0
         self._file = open(self.path, "xb")
         self._file.write(layout.header)
@@ -368,7 +370,8 @@ class ShardWriter:
             self.abort()
             raise ValueError(f"{self.path}: closed before key {missing!r} was written")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.fsync:
+            os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:

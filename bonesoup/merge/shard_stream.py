@@ -29,8 +29,8 @@ class ShardStream:
     #: Batches of output alive at once: one written while the next is merged.
     BATCHES_ALIVE = 2
 
-    def __init__(self, tmp: Path, stats: dict, bar):
-        self._tmp, self._stats, self._bar = tmp, stats, bar
+    def __init__(self, tmp: Path, stats: dict, bar, *, fsync: bool = True):
+        self._tmp, self._stats, self._bar, self._fsync = tmp, stats, bar, fsync
         self._queue: queue.Queue = queue.Queue()  # bounded by the slots, not by the queue
         self._slots = threading.Semaphore(self.BATCHES_ALIVE)
         self._error: BaseException | None = None
@@ -43,7 +43,7 @@ class ShardStream:
         if self._writer is None or self._writer.layout is not batch.layout:
             if self._writer is not None:
                 self._writer.close()
-            self._writer = ShardWriter(self._tmp / batch.layout.name, batch.layout)
+            self._writer = ShardWriter(self._tmp / batch.layout.name, batch.layout, fsync=self._fsync)
         for key, data in zip(batch.keys, outs):
             self._writer.write_bytes(key, data)
         written = sum(o.nbytes for o in outs)
